@@ -1,0 +1,191 @@
+"""The configuration schema: one typed tree shared by every command.
+
+Every key a preset or a ``key=value`` override may set is a field here; the type annotation is
+what an override string is parsed into (see :mod:`interclr_cli.config.overrides`). Sections are
+shared between commands: ``pretrain`` reads ``data``, ``model``, ``method``, ``optim``, ``train``
+and ``monitor``; ``linear-eval`` and ``finetune`` read ``data``, ``optim``, ``train`` and ``eval``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class DataConfig:
+    # A folder (ImageFolder tree or flat folder of images), a text file list, or builtin:NAME.
+    root: str = "builtin:cifar10-mini"
+    # Evaluation commands: labelled train/val trees. Empty means <root>/train and <root>/val|test.
+    train: str = ""
+    val: str = ""
+    # auto | imagefolder | folder | filelist
+    source: str = "auto"
+    image_size: int = 224
+    # Evaluation transform: resize to this size, then centre-crop image_size (MoCo: 256 -> 224).
+    eval_resize: int = 256
+    crop_min_scale: float = 0.2
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    # MoCo v2 augmentation switches (probabilities; 0 disables).
+    color_jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    blur_p: float = 0.5
+    # Draw training samples with replacement (the InterCLR reference sampler) or as a permutation.
+    replacement: bool = False
+    num_workers: int = 4
+    pin_memory: bool = True
+    persistent_workers: bool = True
+    prefetch_factor: int = 2
+    # finetune: a stratified, seeded fraction of the labelled training set, or a list of file names.
+    label_fraction: float = 1.0
+    label_list: str = ""
+
+
+@dataclass
+class ModelConfig:
+    # resnet18 | resnet34 | resnet50
+    arch: str = "resnet50"
+    # 3x3 stride-1 conv1 and no max-pool, for 32-96 px images.
+    small_stem: bool = False
+    # Projection head: Linear(feat, hidden) - ReLU - Linear(hidden, embed_dim). 0 = feature width.
+    head_hidden: int = 0
+    embed_dim: int = 128
+    sync_bn: bool = False
+
+
+@dataclass
+class IntraConfig:
+    # moco: InfoNCE of q against its key and the queue. npid: against the memory bank.
+    kind: str = "moco"
+    margin: float = 0.0
+    temperature: float = 0.2
+    weight: float = 0.75
+    # npid only
+    npid_temperature: float = 0.07
+    npid_negatives: int = 16384
+    npid_bank_momentum: float = 0.5
+
+
+@dataclass
+class InterConfig:
+    weight: float = 0.25
+    temperature: float = 0.2
+    margin: float = -0.5
+    # additive: cos(q,p) - m.  angular: cos(theta + m) (ArcFace-style).
+    margin_type: str = "additive"
+    num_clusters: int = 10000
+    # semihard | hard | random | semieasy
+    neg_sampling: str = "semihard"
+    num_negatives: int = 16384
+    # The nearest-neighbour pool for semihard/semieasy: a count, or (if > 0) a fraction of N.
+    pool_size: int = 128000
+    pool_fraction: float = 0.0
+    # exact: threshold from kthvalue over the full similarity row. sampled: threshold estimated
+    # from a random sample of the row (cheaper; see docs for the measured pool difference).
+    pool_threshold: str = "exact"
+    pool_sample: int = 16384
+    # online | offline pseudo-labels
+    labels: str = "online"
+    recluster_every: int = 1
+    centroid_update_every: int = 10
+    min_cluster_size: int = 20
+    bank_momentum: float = 1.0
+    # float32 | bfloat16
+    bank_dtype: str = "float32"
+    warmup_epochs: int = 0
+    kmeans_iters: int = 20
+    kmeans_gpu: bool = True
+
+
+@dataclass
+class MethodConfig:
+    # mocov2 | interclr
+    name: str = "mocov2"
+    momentum: float = 0.999
+    queue_size: int = 65536
+    temperature: float = 0.2
+    # shuffle-BN (multi-GPU) or per-device BN for the key encoder: none | shuffle
+    key_bn: str = "none"
+    intra: IntraConfig = field(default_factory=IntraConfig)
+    inter: InterConfig = field(default_factory=InterConfig)
+
+
+@dataclass
+class OptimConfig:
+    # sgd | lars
+    name: str = "sgd"
+    lr: float = 0.03
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    nesterov: bool = False
+    # cosine | step | constant
+    schedule: str = "cosine"
+    warmup_epochs: float = 0.0
+    min_lr: float = 0.0
+    milestones: list[int] = field(default_factory=list)
+    gamma: float = 0.1
+    grad_clip: float = 0.0
+    # finetune: the new head's learning rate is lr * head_lr_mult.
+    head_lr_mult: float = 1.0
+    # lr is given for this global batch; scaled linearly with the actual global batch. 0 = no scaling.
+    reference_batch: int = 0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 200
+    batch_size: int = 256
+    # Stop after this many optimizer steps in total (0 = no limit); for smoke tests.
+    max_steps: int = 0
+    # none | bf16
+    precision: str = "none"
+    channels_last: bool = False
+    compile: bool = False
+    log_every: int = 10
+    # Checkpoint every N epochs (and always at the end), keeping the last K.
+    ckpt_every: int = 1
+    ckpt_every_steps: int = 0
+    keep_last: int = 3
+
+
+@dataclass
+class MonitorConfig:
+    # Evaluate the label-free and kNN monitors every N epochs (0 = never).
+    every: int = 1
+    rankme: bool = True
+    rankme_samples: int = 25600
+    knn: bool = True
+    knn_k: int = 200
+    knn_temperature: float = 0.07
+    # holdout: a held-out labelled split (<root>/../test or data.val); train: a split of the train set.
+    knn_split: str = "auto"
+    knn_max_train: int = 10000
+    knn_max_val: int = 2000
+
+
+@dataclass
+class EvalConfig:
+    # linear | finetune
+    protocol: str = "linear"
+    cached_features: bool = False
+    cached_aug_copies: int = 0
+    knn_k: list[int] = field(default_factory=lambda: [20, 200])
+    knn_temperature: float = 0.07
+    feature_batch_size: int = 256
+
+
+@dataclass
+class Config:
+    name: str = ""
+    description: str = ""
+    seed: int = 0
+    # auto | cpu | cuda | cuda:N
+    device: str = "auto"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
