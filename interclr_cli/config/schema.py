@@ -56,6 +56,7 @@ class ModelConfig:
 
 @dataclass
 class IntraConfig:
+    # The intra-image branch; also MoCo v2's whole loss when method.name=mocov2.
     # moco: InfoNCE of q against its key and the queue. npid: against the memory bank.
     kind: str = "moco"
     margin: float = 0.0
@@ -104,7 +105,6 @@ class MethodConfig:
     name: str = "mocov2"
     momentum: float = 0.999
     queue_size: int = 65536
-    temperature: float = 0.2
     # shuffle-BN (multi-GPU) or per-device BN for the key encoder: none | shuffle
     key_bn: str = "none"
     intra: IntraConfig = field(default_factory=IntraConfig)
@@ -151,8 +151,9 @@ class TrainConfig:
 
 @dataclass
 class MonitorConfig:
-    # Evaluate the label-free and kNN monitors every N epochs (0 = never).
+    # Evaluate the label-free and kNN monitors every N epochs (0 = never), and before training.
     every: int = 1
+    at_start: bool = True
     rankme: bool = True
     rankme_samples: int = 25600
     knn: bool = True

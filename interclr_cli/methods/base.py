@@ -56,6 +56,13 @@ class Method(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
+    def compile_networks(self) -> None:
+        """``torch.compile`` the encoders in place (state_dict names are unchanged)."""
+        for name in ("encoder_q", "encoder_k"):
+            net = getattr(self, name, None)
+            if isinstance(net, nn.Module):
+                net.compile()
+
     # -- hooks ------------------------------------------------------------------------------------
     def on_train_start(self, ctx: TrainContext) -> None:
         """Called once before the first step of a run and after every resume (ctx.resumed)."""

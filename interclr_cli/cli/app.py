@@ -1,0 +1,88 @@
+"""The `interclr` executable: one typer app, one small module per command."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Optional
+
+import click
+import typer
+
+from ..errors import InterclrError
+from . import presets as presets_cmd
+from .pretrain import pretrain
+
+app = typer.Typer(
+    name="interclr",
+    help="""Self-supervised visual pretraining with InterCLR (Xie et al., arXiv 2008.11702) and MoCo v2.
+
+Examples:
+
+  interclr presets                                   # what can I run?
+
+  interclr pretrain --preset quickstart              # 5 minutes on a laptop CPU, built-in images
+
+  interclr pretrain --preset r50-imagenet data.root=/data/imagenet/train
+
+  interclr linear-eval runs/x/checkpoints/ckpt-e0200-s00100000.safetensors --preset linear-r50-imagenet data.root=/data/imagenet
+
+  interclr export ckpt.safetensors -o resnet50.safetensors
+""",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.command("pretrain", help=pretrain.__doc__)(pretrain)
+app.add_typer(presets_cmd.app, name="presets")
+
+for _mod in ("evaluate",):
+    try:  # downstream commands register themselves (linear-eval, finetune, knn, cluster, rankme, export)
+        __import__(f"{__package__}.{_mod}", fromlist=["register"]).register(app)
+    except ModuleNotFoundError as e:  # pragma: no cover - during development only
+        if e.name != f"{__package__}.{_mod}":
+            raise
+
+
+def _preprocess(argv: list[str]) -> list[str]:
+    """Let ``--resume`` take an optional value: alone (or before an option/override) it means latest."""
+    out = []
+    for i, a in enumerate(argv):
+        out.append(a)
+        if a == "--resume":
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if nxt is None or nxt.startswith("-") or "=" in nxt:
+                from ..engine.pretrain import LATEST
+
+                out.append(LATEST)
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    args = _preprocess(list(sys.argv[1:] if argv is None else argv))
+    code = 0
+    try:
+        app(args=args, prog_name="interclr", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        code = e.exit_code
+    except click.exceptions.Abort:
+        sys.stderr.write("interrupted\n")
+        code = 130
+    except click.ClickException as e:
+        e.show()
+        code = 2
+    except InterclrError as e:
+        sys.stderr.write(f"error: {e}\n")
+        code = e.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        code = 130
+    except Exception as e:  # an internal bug: one line unless debugging
+        if os.environ.get("INTERCLR_DEBUG"):
+            raise
+        logging.getLogger("interclr").debug("internal error", exc_info=True)
+        sys.stderr.write(f"internal error: {type(e).__name__}: {e} (set INTERCLR_DEBUG=1 for a traceback, and please report it)\n")
+        code = 1
+    sys.exit(code)

@@ -1,0 +1,265 @@
+"""Checkpoint I/O: one safetensors file per checkpoint, written atomically. No pickle, ever.
+
+Tensor names are dotted paths: ``model.<state_dict key>`` (encoders, heads, queue, bank ...),
+``optim.state.<param index>.<name>`` (e.g. ``momentum_buffer``), ``method.<name>`` (extra state
+a method registers, such as a sampling generator) and ``rng.*``. The metadata (string to string,
+as safetensors requires) holds JSON: the resolved config, epoch, global step, optimizer
+hyper-parameters, Python/NumPy RNG states and the format version.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..errors import UserError
+
+FORMAT = "interclr-checkpoint"
+FORMAT_VERSION = 1
+EXPORT_FORMAT = "interclr-export"
+
+
+def atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Write a safetensors file via a temporary file in the same folder, fsync, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # safetensors needs contiguous, non-shared CPU tensors
+    clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(clean, tmp, metadata=metadata)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    try:  # make the rename durable
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Load every tensor and the metadata; any unreadable file is a one-line UserError."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"checkpoint {path} does not exist; check the path")
+    if path.is_dir():
+        raise UserError(f"checkpoint {path} is a folder; give a .safetensors file (or use --resume with a run folder)")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        raise UserError(
+            f"{path} is not a readable safetensors checkpoint (truncated or another format: {reason}); "
+            "use a file written by interclr, or convert it with `interclr export --from-moco/--from-torchvision`"
+        ) from None
+    return tensors, meta
+
+
+# --- RNG states -------------------------------------------------------------------------------
+
+def capture_rng() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {"rng.torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    py = random.getstate()
+    np_state = np.random.get_state()
+    meta = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
+    return tensors, meta
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    if "rng.torch_cpu" in tensors:
+        torch.set_rng_state(tensors["rng.torch_cpu"])
+    if torch.cuda.is_available():
+        states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+        if len(states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states)
+    if "python" in meta:
+        v, st, g = meta["python"]
+        random.setstate((v, tuple(st), g))
+    if "numpy" in meta:
+        a, keys, pos, has_gauss, cached = meta["numpy"]
+        np.random.set_state((a, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+# --- optimizer --------------------------------------------------------------------------------
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for pid, st in sd["state"].items():
+        for name, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"optim.state.{pid}.{name}"] = v
+            elif v is not None:
+                scalars[f"{pid}.{name}"] = v
+    groups = [{k: v for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    pat = re.compile(r"^optim\.state\.(\d+)\.(.+)$")
+    for k, v in tensors.items():
+        m = pat.match(k)
+        if m:
+            state.setdefault(int(m.group(1)), {})[m.group(2)] = v
+    for k, v in meta.get("scalars", {}).items():
+        pid, name = k.split(".", 1)
+        state.setdefault(int(pid), {})[name] = v
+    groups = meta["param_groups"]
+    current = optimizer.state_dict()["param_groups"]
+    if [len(g["params"]) for g in groups] != [len(g["params"]) for g in current]:
+        raise UserError("checkpoint optimizer does not match this model (different parameter groups); resume with the run's own config")
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+# --- training checkpoints -----------------------------------------------------------------------
+
+def save_training_checkpoint(
+    path: Path,
+    *,
+    model_state: dict[str, torch.Tensor],
+    extra_state: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    config: dict,
+    epoch: int,
+    step: int,
+    step_in_epoch: int,
+    kind: str = "pretrain",
+    info: dict | None = None,
+) -> None:
+    tensors = {f"model.{k}": v for k, v in model_state.items()}
+    tensors.update({f"method.{k}": v for k, v in extra_state.items()})
+    opt_t, opt_meta = optimizer_tensors(optimizer)
+    tensors.update(opt_t)
+    rng_t, rng_meta = capture_rng()
+    tensors.update(rng_t)
+    meta = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "kind": kind,
+        "config": json.dumps(config),
+        "epoch": str(epoch),
+        "step": str(step),
+        "step_in_epoch": str(step_in_epoch),
+        "optimizer": json.dumps(opt_meta),
+        "rng": json.dumps(rng_meta),
+        "info": json.dumps(info or {}),
+    }
+    atomic_save(tensors, path, meta)
+
+
+class TrainingCheckpoint:
+    """A parsed training checkpoint."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.tensors, self.meta = read_safetensors(self.path)
+        fmt = self.meta.get("format")
+        if fmt != FORMAT:
+            what = "an exported backbone" if fmt == EXPORT_FORMAT else "not an interclr training checkpoint"
+            raise UserError(f"{self.path} is {what}; --resume needs a checkpoint written by `interclr pretrain`")
+        version = int(self.meta.get("format_version", "0"))
+        if version > FORMAT_VERSION:
+            raise UserError(f"{self.path} has checkpoint format {version}, newer than this interclr ({FORMAT_VERSION}); upgrade interclr")
+        try:
+            self.config = json.loads(self.meta["config"])
+            self.epoch = int(self.meta["epoch"])
+            self.step = int(self.meta["step"])
+            self.step_in_epoch = int(self.meta.get("step_in_epoch", "0"))
+            self.optimizer_meta = json.loads(self.meta["optimizer"])
+            self.rng_meta = json.loads(self.meta["rng"])
+            self.info = json.loads(self.meta.get("info", "{}"))
+        except (KeyError, ValueError) as e:
+            raise UserError(f"{self.path} has damaged metadata ({e}); use another checkpoint") from None
+        self.kind = self.meta.get("kind", "pretrain")
+
+    def section(self, prefix: str) -> dict[str, torch.Tensor]:
+        n = len(prefix) + 1
+        return {k[n:]: v for k, v in self.tensors.items() if k.startswith(prefix + ".")}
+
+
+def checkpoint_name(epoch: int, step: int) -> str:
+    return f"ckpt-e{epoch:04d}-s{step:08d}.safetensors"
+
+
+_CKPT_RE = re.compile(r"^ckpt-e(\d+)-s(\d+)\.safetensors$")
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    """Checkpoints in a run's checkpoints/ folder, oldest first (by global step)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = []
+    for p in folder.iterdir():
+        m = _CKPT_RE.match(p.name)
+        if m:
+            found.append((int(m.group(2)), int(m.group(1)), p))
+    return [p for _, _, p in sorted(found)]
+
+
+def prune_checkpoints(folder: Path, keep_last: int) -> None:
+    ckpts = list_checkpoints(folder)
+    for p in ckpts[: max(0, len(ckpts) - keep_last)]:
+        try:
+            p.unlink()
+        except OSError:
+            pass
+
+
+# Config keys that change tensor shapes or meaning: a resume must agree on these.
+STATE_KEYS = [
+    "model.arch",
+    "model.small_stem",
+    "model.head_hidden",
+    "model.embed_dim",
+    "method.name",
+    "method.queue_size",
+    "method.intra.kind",
+    "method.inter.num_clusters",
+    "method.inter.bank_dtype",
+]
+
+
+def check_compatible(saved: dict, current: dict, path: Path) -> None:
+    for key in STATE_KEYS:
+        a, b = saved, current
+        for p in key.split("."):
+            a = a.get(p, {}) if isinstance(a, dict) else None
+            b = b.get(p, {}) if isinstance(b, dict) else None
+        if a != b:
+            raise UserError(
+                f"checkpoint {path.name} was trained with {key}={a!r} but the config says {key}={b!r}; "
+                "resume with the run's own config or start a new run"
+            )

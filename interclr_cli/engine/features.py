@@ -1,0 +1,71 @@
+"""Feature extraction over a data set with the evaluation transform (no augmentation).
+
+Used by the InterCLR initial k-means, the training monitors and the evaluation commands. With
+several ranks, each extracts a contiguous shard and the shards are gathered in index order.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from ..data import ImageDataset, build_eval_loader
+from ..data.sources import FileIndex
+from . import dist
+from .device import autocast, memory_format
+
+
+def subset_index(index: FileIndex, positions: Sequence[int] | np.ndarray) -> FileIndex:
+    pos = np.asarray(positions, dtype=np.int64)
+    return FileIndex(root=index.root, paths=[index.paths[i] for i in pos], labels=np.asarray(index.labels)[pos], classes=list(index.classes))
+
+
+@torch.no_grad()
+def extract(
+    fns: Callable[[torch.Tensor], torch.Tensor | tuple[torch.Tensor, ...]],
+    index: FileIndex,
+    transform,
+    *,
+    device: torch.device,
+    batch_size: int = 256,
+    num_workers: int = 2,
+    precision: str = "none",
+    channels_last: bool = False,
+    reporter=None,
+    description: str = "features",
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Run ``fns`` over every image; returns (list of feature tensors [N, D_i] on ``device``,
+    labels [N]). Corrupt images give zero rows (and are reported by the data layer).
+    """
+    ds = ImageDataset(index, transform, views=1)
+    loader = build_eval_loader(ds, batch_size, num_workers, rank=dist.rank(), world_size=dist.world_size())
+    n = len(index)
+    outs: list[torch.Tensor] | None = None
+    task = reporter.task(description, total=len(loader)) if reporter is not None else None
+    fmt = memory_format(channels_last)
+    for batch in loader:
+        if batch["index"].numel() == 0:
+            continue
+        x = batch["image"].to(device, non_blocking=True).to(memory_format=fmt)
+        with autocast(device, precision):
+            res = fns(x)
+        res = res if isinstance(res, tuple) else (res,)
+        if outs is None:
+            outs = [torch.zeros(n, r.shape[1], device=device, dtype=torch.float32) for r in res]
+        idx = batch["index"].to(device)
+        for o, r in zip(outs, res):
+            o[idx] = r.float()
+        if reporter is not None:
+            reporter.update(task, advance=1)
+    if reporter is not None:
+        reporter.finish(task)
+    if outs is None:
+        outs = []
+    if dist.is_dist():
+        # every rank filled its own shard and left zeros elsewhere: a sum gathers them
+        for o in outs:
+            torch.distributed.all_reduce(o)
+    labels = torch.as_tensor(np.asarray(index.labels), dtype=torch.long)
+    return outs, labels
