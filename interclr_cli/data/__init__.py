@@ -1,0 +1,30 @@
+"""The data layer: index a data root, load and augment images, sample and batch them."""
+
+from .builtin import BUILTIN_DATASETS, resolve_builtin
+from .datasets import ImageDataset, collate_skip, is_empty_batch, load_rgb
+from .loader import build_eval_loader, build_loader, eval_shard
+from .samplers import EpochBatchSampler, aug_seeds
+from .sources import IMAGE_EXTENSIONS, SOURCES, FileIndex, index_source, resolve_eval_split
+from .transforms import eval_transform, linear_train_transform, moco_v2_transform
+
+__all__ = [
+    "BUILTIN_DATASETS",
+    "IMAGE_EXTENSIONS",
+    "SOURCES",
+    "EpochBatchSampler",
+    "FileIndex",
+    "ImageDataset",
+    "aug_seeds",
+    "build_eval_loader",
+    "build_loader",
+    "collate_skip",
+    "eval_shard",
+    "eval_transform",
+    "index_source",
+    "is_empty_batch",
+    "linear_train_transform",
+    "load_rgb",
+    "moco_v2_transform",
+    "resolve_builtin",
+    "resolve_eval_split",
+]
