@@ -7,7 +7,6 @@ import os
 import sys
 from typing import Optional
 
-import click
 import typer
 
 from ..errors import InterclrError
@@ -64,15 +63,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = _preprocess(list(sys.argv[1:] if argv is None else argv))
     code = 0
     try:
-        app(args=args, prog_name="interclr", standalone_mode=False)
-    except click.exceptions.Exit as e:
-        code = e.exit_code
-    except click.exceptions.Abort:
-        sys.stderr.write("interrupted\n")
-        code = 130
-    except click.ClickException as e:
-        e.show()
-        code = 2
+        # standalone mode: usage errors print their message and exit 2, --help exits 0
+        app(args=args, prog_name="interclr", standalone_mode=True)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except InterclrError as e:
         sys.stderr.write(f"error: {e}\n")
         code = e.exit_code

@@ -42,6 +42,7 @@ class Monitor:
         n = len(train_index)
         perm = rng.permutation(n)
         self.rankme_index = subset_index(train_index, np.sort(perm[: min(n, m.rankme_samples)]))
+        self.rankme_from_bank = False
         self.knn = None
         if m.knn and train_index.has_labels:
             split = m.knn_split
@@ -56,6 +57,9 @@ class Monitor:
                 vperm = rng.permutation(len(val))
                 val = subset_index(val, np.sort(vperm[: min(len(val), m.knn_max_val)]))
                 bank = subset_index(train_index, np.sort(perm[: min(n, m.knn_max_train)]))
+                # one extraction pass serves both monitors when the rankme subset fits in the bank
+                self.rankme_from_bank = m.rankme_samples <= len(bank)
+                self.rankme_pos = torch.as_tensor(np.sort(rng.permutation(len(bank))[: m.rankme_samples]))
             else:
                 nval = min(m.knn_max_val, n // 5)
                 val = subset_index(train_index, np.sort(perm[:nval]))
@@ -77,16 +81,27 @@ class Monitor:
         try:
             m = self.cfg.monitor
             backbone, head = method.backbone(), method.encoder_q.head
+            def both(x):
+                f = backbone(x)
+                return f, head(f)
+
+            bank_feats = None
             if m.rankme:
-                def both(x):
-                    f = backbone(x)
-                    return f, head(f)
-                (feats, emb), _ = self._extract(both, self.rankme_index, reporter, "monitor: rankme")
+                if self.rankme_from_bank:
+                    (bf, be), bl = self._extract(both, self.knn[0], reporter, "monitor: train features")
+                    bank_feats = (bf, bl)
+                    pos = self.rankme_pos.to(bf.device)
+                    feats, emb = bf[pos], be[pos]
+                else:
+                    (feats, emb), _ = self._extract(both, self.rankme_index, reporter, "monitor: rankme")
                 out["rankme"] = rankme(emb)
                 out["rankme_backbone"] = rankme(feats)
             if self.knn is not None:
                 bank, val, split = self.knn
-                (bf,), bl = self._extract(backbone, bank, reporter, "monitor: knn bank")
+                if bank_feats is None:
+                    (bf,), bl = self._extract(backbone, bank, reporter, "monitor: knn bank")
+                else:
+                    bf, bl = bank_feats
                 (vf,), vl = self._extract(backbone, val, reporter, "monitor: knn queries")
                 k = min(m.knn_k, len(bank))
                 res = knn_top1(bf, bl.to(bf.device), vf, vl.to(vf.device), [k], temperature=m.knn_temperature)

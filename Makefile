@@ -1,0 +1,31 @@
+# Two entry points on a fresh machine:  make demo  |  make test
+# Each creates .venv if it is missing and installs interclr with faiss-gpu when nvidia-smi
+# finds a GPU, faiss-cpu otherwise (the two share one import name: never both).
+VENV   ?= .venv
+PYTHON ?= python3
+PY     := $(VENV)/bin/python
+FAISS  := $(shell if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q GPU; then echo gpu; else echo cpu; fi)
+STAMP  := $(VENV)/.installed-$(FAISS)
+
+.PHONY: install demo test bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e ".[$(FAISS),test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/interclr pretrain --preset quickstart --force --out runs/quickstart
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_step.py
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny labelled image trees (copied from the built-in set) and CLI runners."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BUILTIN = ROOT / "interclr_cli" / "builtin" / "cifar10-mini"
+SHARED = ROOT.parent / "shared" / "data" / "cifar10"
+
+# Small, fast settings for end-to-end runs on 2 CPU cores.
+TINY = [
+    "model.arch=resnet18",
+    "model.small_stem=false",
+    "model.head_hidden=64",
+    "model.embed_dim=32",
+    "data.image_size=16",
+    "data.eval_resize=16",
+    "data.num_workers=0",
+    "method.queue_size=64",
+    "train.batch_size=8",
+    "train.log_every=2",
+    "device=cpu",
+    "monitor.every=0",
+]
+
+
+def make_tree(dest: Path, per_class: int, classes: int = 4, split: str = "train") -> Path:
+    """An ImageFolder tree with ``per_class`` real CIFAR images in each of ``classes`` classes."""
+    src = BUILTIN / split
+    for c in sorted(os.listdir(src))[:classes]:
+        (dest / c).mkdir(parents=True, exist_ok=True)
+        for f in sorted(os.listdir(src / c))[:per_class]:
+            shutil.copy(src / c / f, dest / c / f)
+    return dest
+
+
+@pytest.fixture
+def tiny_data(tmp_path) -> Path:
+    """tmp/data/{train,test}: 4 classes, 12 train and 4 test images each."""
+    make_tree(tmp_path / "data" / "train", 12)
+    make_tree(tmp_path / "data" / "test", 4, split="test")
+    return tmp_path / "data"
+
+
+def run_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    e = dict(os.environ)
+    e.pop("INTERCLR_DEBUG", None)
+    e.update(env or {})
+    return subprocess.run([sys.executable, "-m", "interclr_cli", *args], capture_output=True, text=True, timeout=timeout, env=e)
+
+
+def assert_clean_error(res: subprocess.CompletedProcess, code: int = 2, fragment: str | None = None) -> None:
+    assert res.returncode == code, (res.returncode, res.stdout, res.stderr)
+    assert "Traceback" not in res.stderr and "Traceback" not in res.stdout, res.stderr
+    lines = [l for l in res.stderr.strip().splitlines() if l.strip()]
+    assert lines, "no error message"
+    last = lines[-1]
+    assert last.startswith(("error:", "Error:")) or "Error" in last or "error" in last, res.stderr
+    if fragment is not None:
+        assert fragment in res.stderr, res.stderr
