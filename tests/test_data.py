@@ -188,6 +188,15 @@ def test_cache_of_filelist_with_absolute_paths_and_unlabelled(tmp_path, monkeypa
     assert second.labels.tolist() == [-1, 3] and second.classes == ["0", "1", "2", "3"]
 
 
+def test_cache_skipped_for_file_names_with_line_breaks(tmp_path):
+    root = tmp_path / "d"
+    make_image(root / "a.png")
+    make_image(root / "odd\nname.png")
+    cache = tmp_path / "index.txt"
+    idx = index_source(str(root), cache_path=cache)
+    assert len(idx) == 2 and not cache.exists()
+
+
 def test_corrupt_cache_is_rescanned(tmp_path):
     root = make_imagefolder(tmp_path / "d")
     cache = tmp_path / "index.txt"
@@ -333,6 +342,11 @@ def test_augmentation_is_a_pure_function_of_index_and_seed(tmp_path):
     assert torch.equal(a["view1"], b["view1"]) and torch.equal(a["view2"], b["view2"])
     assert not torch.equal(a["view1"], c["view1"])
     assert not torch.equal(a["view1"], a["view2"])  # two different views
+
+    # One transform per view: the second view is the deterministic evaluation crop.
+    mixed = ImageDataset(index_source(str(root)), [moco_v2_transform(cfg), eval_transform(CFG32)])
+    m = mixed[(2, 77)]
+    assert torch.equal(m["view1"], a["view1"]) and torch.equal(m["view2"], mixed[(2, 5)]["view2"])
 
     single = ImageDataset(ds_index := index_source(str(root)), eval_transform(CFG32), views=1)
     item = single[4]

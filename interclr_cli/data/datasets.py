@@ -84,7 +84,9 @@ class ImageDataset(Dataset):
             out = [t(img) for t in self.transforms]
         else:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(aug_seed)
+                # Only the CPU generator: torch.manual_seed would also reseed (and, outside
+                # fork_rng's reach, clobber) the CUDA generators of the main process.
+                torch.default_generator.manual_seed(aug_seed)
                 out = [t(img) for t in self.transforms]
         item = {"view1": out[0], "view2": out[1]} if self.views == 2 else {"image": out[0]}
         item["index"] = i
