@@ -62,13 +62,19 @@ def _preprocess(argv: list[str]) -> list[str]:
 def main(argv: Optional[list[str]] = None) -> None:
     args = _preprocess(list(sys.argv[1:] if argv is None else argv))
     code = 0
+    from ..engine import dist, launch
+
+    who = ""
     try:
+        # under torchrun / srun: join the process group (rank 0 alone prints and writes files)
+        if launch.init_distributed() and not dist.is_main():
+            who = f"[rank {dist.rank()}] "
         # standalone mode: usage errors print their message and exit 2, --help exits 0
         app(args=args, prog_name="interclr", standalone_mode=True)
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except InterclrError as e:
-        sys.stderr.write(f"error: {e}\n")
+        sys.stderr.write(f"{who}error: {e}\n")
         code = e.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
@@ -79,4 +85,5 @@ def main(argv: Optional[list[str]] = None) -> None:
         logging.getLogger("interclr").debug("internal error", exc_info=True)
         sys.stderr.write(f"internal error: {type(e).__name__}: {e} (set INTERCLR_DEBUG=1 for a traceback, and please report it)\n")
         code = 1
+    launch.teardown()
     sys.exit(code)

@@ -2,13 +2,31 @@
 
 A one-process run pays nothing: every function short-circuits when torch.distributed is not
 initialised. Methods call these instead of torch.distributed directly, so tests can run the same
-code under gloo with several processes.
+code under gloo with several processes (and so a benchmark can count what they send).
+
+Two kinds of gathers:
+
+* ``all_gather_cat`` / ``broadcast_`` / ``all_reduce_mean``: no gradient (queues, banks, labels,
+  logged scalars).
+* ``all_gather_with_grad`` / ``all_reduce_sum_with_grad``: autograd-aware. A plain
+  ``torch.distributed.all_gather`` returns tensors that are cut from the graph (the gradient of
+  the local input is lost), and a plain in-place ``all_reduce`` passes the gradient through as the
+  identity, which after DistributedDataParallel's averaging is 1/world of the true gradient.
+  Both autograd-aware versions *sum* the incoming gradients over ranks in backward, which is what
+  makes "every rank computes its loss on the gathered tensor, DDP averages the parameter
+  gradients" equal to the one-process gradient of the mean loss over the global batch
+  (``tests/test_distributed.py`` checks both the right and the two wrong answers).
 """
 
 from __future__ import annotations
 
+import os
+from typing import Any, Callable, Optional, TypeVar
+
 import torch
 import torch.distributed as tdist
+
+T = TypeVar("T")
 
 
 def is_dist() -> bool:
@@ -23,9 +41,21 @@ def rank() -> int:
     return tdist.get_rank() if is_dist() else 0
 
 
+def local_rank() -> int:
+    """The rank within this node (``LOCAL_RANK`` from torchrun, ``SLURM_LOCALID`` under srun)."""
+    if not is_dist():
+        return 0
+    for var in ("LOCAL_RANK", "SLURM_LOCALID"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return rank()
+
+
 def is_main() -> bool:
     return rank() == 0
 
+
+# -- without gradient ------------------------------------------------------------------------------
 
 @torch.no_grad()
 def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
@@ -40,11 +70,43 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(out, 0)
 
 
+@torch.no_grad()
+def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """Like :func:`all_gather_cat` but the ranks may hold different numbers of rows
+    (same trailing shape and dtype); rows are padded to the largest count for the collective."""
+    if not is_dist():
+        return t
+    n = torch.tensor([t.shape[0]], dtype=torch.long, device=t.device)
+    counts = all_gather_cat(n).tolist()
+    m = max(counts)
+    pad = t.new_zeros((m,) + tuple(t.shape[1:]))
+    pad[: t.shape[0]] = t
+    full = all_gather_cat(pad)
+    return torch.cat([full[i * m : i * m + c] for i, c in enumerate(counts)], 0)
+
+
 def broadcast_(t: torch.Tensor, src: int = 0) -> torch.Tensor:
     """In-place broadcast from ``src``; a no-op on one process."""
     if is_dist():
         tdist.broadcast(t, src)
     return t
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """``obj`` as ``src`` has it (picklable, small: paths, names, numbers)."""
+    if not is_dist():
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src)
+    return box[0]
+
+
+def all_gather_object(obj: Any) -> list:
+    if not is_dist():
+        return [obj]
+    out: list = [None] * world_size()
+    tdist.all_gather_object(out, obj)
+    return out
 
 
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
@@ -55,6 +117,121 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return t / world_size()
 
 
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if not is_dist():
+        return t
+    t = t.clone()
+    tdist.all_reduce(t)
+    return t
+
+
 def barrier() -> None:
     if is_dist():
         tdist.barrier()
+
+
+def check_same(value: Any, what: str) -> None:
+    """Raise on every rank unless every rank passes an equal ``value`` (a small picklable)."""
+    if not is_dist():
+        return
+    values = all_gather_object(value)
+    if any(v != values[0] for v in values[1:]):
+        from ..errors import UserError
+
+        bad = next(i for i, v in enumerate(values) if v != values[0])
+        raise UserError(f"the ranks disagree on {what}: rank 0 has {values[0]!r}, rank {bad} has {values[bad]!r}; "
+                        "every rank must see the same files (use a shared file system for data and run folders)")
+
+
+# -- with gradient ---------------------------------------------------------------------------------
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
+        ctx.rows = t.shape[0]
+        out = [torch.empty_like(t) for _ in range(world_size())]
+        tdist.all_gather(out, t.contiguous())
+        return torch.cat(out, 0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        # d(sum_r L_r)/d t_local = sum over ranks of their gradient w.r.t. this rank's rows
+        grad = grad.contiguous()
+        n = ctx.rows
+        if grad.is_cuda:  # NCCL: a reduce-scatter sends 1/world of an all-reduce
+            out = torch.empty_like(grad[:n])
+            tdist.reduce_scatter_tensor(out, grad)
+            return out
+        grad = grad.clone()
+        tdist.all_reduce(grad)
+        r = rank()
+        return grad[r * n : (r + 1) * n]
+
+
+class _AllReduceSumWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        tdist.all_reduce(t)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        tdist.all_reduce(grad)
+        return grad
+
+
+def all_gather_with_grad(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``t`` [B, ...] from every rank along dim 0 (rank order), keeping the gradient.
+
+    Every rank must pass the same shape. In backward each rank receives the sum over ranks of the
+    gradient w.r.t. its own rows; with DDP averaging the parameter gradients afterwards, the step
+    equals a one-process step on the global batch.
+    """
+    if not is_dist() or world_size() == 1:
+        return t
+    return _AllGatherWithGrad.apply(t)
+
+
+def all_reduce_sum_with_grad(t: torch.Tensor) -> torch.Tensor:
+    """Sum of ``t`` over ranks, keeping the gradient (backward sums the gradients over ranks)."""
+    if not is_dist() or world_size() == 1:
+        return t
+    return _AllReduceSumWithGrad.apply(t)
+
+
+# -- measuring -------------------------------------------------------------------------------------
+
+def bytes_written() -> Optional[int]:
+    """Bytes this process has passed to write-like system calls so far (``wchar`` of
+    /proc/self/io, which counts socket sends: the collectives' traffic under gloo), or None."""
+    try:
+        with open("/proc/self/io") as f:
+            for line in f:
+                if line.startswith("wchar:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def main_first(fn: Callable[[bool], T]) -> T:
+    """``fn(True)`` on rank 0, then ``fn(False)`` on the other ranks once rank 0 is done (e.g.
+    rank 0 writes a cache the others read). An error on rank 0 is raised on every rank."""
+    if not is_dist():
+        return fn(True)
+    from ..errors import UserError
+
+    result, err = None, None
+    if is_main():
+        try:
+            result = fn(True)
+        except UserError as e:
+            err = str(e)
+    err = broadcast_object(err)
+    if err is not None:
+        raise UserError(err)
+    if not is_main():
+        result = fn(False)
+    return result

@@ -13,6 +13,7 @@ import logging
 import math
 import random
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -54,6 +55,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def rng_neutral_iter(loader):
+    """``iter(loader)`` without consuming the global torch RNG: a DataLoader draws a base seed when
+    an iterator starts, so after a mid-epoch resume every later draw (e.g. shuffle-BN's permutation)
+    would be shifted. Samples and augmentations have their own seeds, so nothing else changes."""
+    state = torch.get_rng_state()
+    it = iter(loader)
+    torch.set_rng_state(state)
+    return it
+
+
 def resolve_train_root(root: str) -> tuple[str, Optional[Path]]:
     """``builtin:NAME`` trains on the built-in set's ``train`` split. Returns (root, folder)."""
     if not root:
@@ -82,7 +93,7 @@ class RunResult:
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, *, resume_from: Optional[Path] = None, show_progress: bool = True):
         self.cfg = cfg
-        self.run_dir = Path(run_dir)
+        self.run_dir = Path(dist.broadcast_object(str(run_dir)))  # rank 0's (a default name holds a timestamp)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.resume_from = resume_from
         self.reporter = Reporter(enabled=show_progress)
@@ -91,7 +102,13 @@ class Trainer:
     # -- set-up ---------------------------------------------------------------------------------
     def _data(self) -> tuple[FileIndex, Optional[Path]]:
         root, folder = resolve_train_root(self.cfg.data.root)
-        index = index_source(root, self.cfg.data.source, cache_path=self.run_dir / "file_index.txt")
+        cache = self.run_dir / "file_index.txt"
+        # rank 0 scans and writes the cache; the others read it (and never write)
+        index = dist.main_first(lambda main: index_source(root, self.cfg.data.source,
+                                                          cache_path=cache if main or cache.is_file() else None))
+        if dist.is_dist():
+            digest = zlib.crc32("\n".join(index.paths).encode("utf-8", "surrogateescape"))
+            dist.check_same((len(index), digest), "the training file list (count, crc32)")
         return index, folder
 
     def _ctx(self, index: FileIndex, steps_per_epoch: int, resumed: bool) -> TrainContext:
@@ -99,6 +116,8 @@ class Trainer:
         transform = eval_transform(cfg.data)
 
         def run_extract(fn):
+            if getattr(self, "_ddp", None) is not None:
+                self._ddp.sync_buffers()  # eval-mode BN statistics: the same on every rank
             (feats,), _ = extract(fn, index, transform, device=device, batch_size=cfg.eval.feature_batch_size,
                                   num_workers=cfg.data.num_workers, precision=cfg.train.precision,
                                   channels_last=cfg.train.channels_last, reporter=self.reporter,
@@ -132,20 +151,27 @@ class Trainer:
         fmt = memory_format(cfg.train.channels_last)
         if cfg.train.channels_last:
             method = method.to(memory_format=fmt)
-        if cfg.model.sync_bn and dist.is_dist():
-            method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
+        if dist.is_dist():
+            from .ddp import convert_sync_bn
+
+            method = convert_sync_bn(method, sync_bn=cfg.model.sync_bn, key_bn=cfg.method.key_bn, device=device)
         base_lr = scaled_lr(cfg.optim, cfg.train.batch_size * world)
+        if world > 1 or cfg.optim.reference_batch > 0:
+            log.info(f"global batch {cfg.train.batch_size * world} ({world} x {cfg.train.batch_size}); lr {base_lr:.4g}"
+                     + (f" = {cfg.optim.lr:g} x {cfg.train.batch_size * world}/{cfg.optim.reference_batch} (linear scaling rule)"
+                        if cfg.optim.reference_batch > 0 else " (optim.reference_batch=0: not scaled)"))
         optimizer = build_optimizer(cfg.optim, [{"params": method.trainable_parameters()}], base_lr)
         ddp_model = None
         if dist.is_dist():
             from .ddp import wrap_ddp
 
-            ddp_model = wrap_ddp(method, device)
+            ddp_model = self._ddp = wrap_ddp(method, device)
 
         epoch, step, step_in_epoch = 0, 0, 0
         resumed = self.resume_from is not None
         if resumed:
             ck = TrainingCheckpoint(self.resume_from)
+            dist.check_same((ck.path.name, ck.step), "the checkpoint to resume from")
             check_compatible(ck.config, to_mapping(cfg), ck.path)
             missing, unexpected = method.load_state_dict(ck.section("model"), strict=False)
             if missing or unexpected:
@@ -161,7 +187,7 @@ class Trainer:
             method.compile_networks()
 
         ctx = self._ctx(index, steps_per_epoch, resumed)
-        monitor = Monitor(cfg, index, folder, device, self.run_dir) if (cfg.monitor.rankme or cfg.monitor.knn) else None
+        monitor = Monitor(cfg, index, folder, device, self.run_dir if dist.is_main() else None) if (cfg.monitor.rankme or cfg.monitor.knn) else None
         last_ckpt: Optional[Path] = None
         last_metrics: dict = {}
         total_skipped = 0
@@ -169,6 +195,8 @@ class Trainer:
 
         def save(ep: int, st: int, sie: int) -> Path:
             path = self.ckpt_dir / checkpoint_name(ep, st)
+            if ddp_model is not None:
+                ddp_model.sync_buffers()  # BN running statistics: the same on every rank
             if dist.is_main():
                 save_training_checkpoint(path, model_state=method.state_dict(), extra_state=method.extra_state(),
                                          optimizer=optimizer, config=to_mapping(cfg), epoch=ep, step=st,
@@ -184,6 +212,10 @@ class Trainer:
             with self.reporter:
                 method.train()
                 method.on_train_start(ctx)
+                if ddp_model is not None:
+                    from .ddp import check_replicas
+
+                    check_replicas(method)
                 if monitor is not None and cfg.monitor.at_start and not resumed and cfg.monitor.every > 0:
                     last_metrics = {f"{k}": v for k, v in monitor.run(method, self.reporter).items()}
                     self.metrics.write({"type": "monitor", "epoch": 0, "step": 0, **last_metrics})
@@ -200,7 +232,7 @@ class Trainer:
                     t0 = time.perf_counter()
                     tlog, ilog = t0, 0
                     log_acc: dict[str, torch.Tensor] = {}
-                    for batch in loader:
+                    for batch in rng_neutral_iter(loader):
                         skipped += int(batch.get("skipped", 0))
                         bsz = batch["index"].numel()
                         if bsz == 0:
@@ -211,7 +243,7 @@ class Trainer:
                             batch[key] = batch[key].to(memory_format=fmt)
                         lr = set_lr(optimizer, lr_factor(cfg.optim, step, steps_per_epoch, steps_per_epoch * cfg.train.epochs))
                         with autocast(device, cfg.train.precision):
-                            loss, logs = method.training_step(batch, step, epoch)
+                            loss, logs = (ddp_model or method).training_step(batch, step, epoch)
                         optimizer.zero_grad(set_to_none=True)
                         loss.backward()
                         if ddp_model is not None:
@@ -229,7 +261,7 @@ class Trainer:
                         for k, v in logs.items():
                             log_acc[k] = v.detach().float()
                         if step % cfg.train.log_every == 0 or step_in_epoch == steps_per_epoch or step >= total_steps:
-                            loss_v = loss.detach().float().item()  # the one sync per logging interval
+                            loss_v = dist.all_reduce_mean(loss.detach().float()).item()  # the one sync per logging interval
                             if not math.isfinite(loss_v):
                                 raise WorkError(f"loss became {loss_v} at step {step} (epoch {epoch + 1}); the last good checkpoint is kept"
                                                 f"{' at ' + str(last_ckpt) if last_ckpt else ''}; lower optim.lr or enable optim.grad_clip")
@@ -247,17 +279,20 @@ class Trainer:
                             done = True
                             break
                     self.reporter.finish(task)
-                    epoch_loss = (loss_sum / max(loss_n, 1)).item()
+                    epoch_loss = dist.all_reduce_mean(loss_sum / max(loss_n, 1)).item()
                     if not math.isfinite(epoch_loss):
                         raise WorkError(f"loss became {epoch_loss} in epoch {epoch + 1}; the last good checkpoint is kept; lower optim.lr or enable optim.grad_clip")
                     finished_epoch = step_in_epoch >= steps_per_epoch
                     ep_done = epoch + 1
                     elapsed = time.perf_counter() - t0
+                    skipped = int(dist.all_reduce_sum(torch.tensor(skipped)).item())  # every rank's share
                     total_skipped += skipped
                     rec = {"type": "epoch", "epoch": ep_done, "step": step, "loss": epoch_loss, "lr": optimizer.param_groups[0]["lr"],
                            "img_per_s": images / max(elapsed, 1e-9), "seconds": elapsed, "skipped": skipped}
                     last_is_final = done or ep_done >= cfg.train.epochs
                     if monitor is not None and cfg.monitor.every > 0 and (ep_done % cfg.monitor.every == 0 or last_is_final):
+                        if ddp_model is not None:
+                            ddp_model.sync_buffers()
                         mon = monitor.run(method, self.reporter)
                         last_metrics = mon
                         rec.update(mon)

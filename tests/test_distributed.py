@@ -1,0 +1,438 @@
+"""torch.distributed with 2 gloo processes on the CPU.
+
+Workers run in processes started with ``torch.multiprocessing.spawn`` (one thread each, so two
+ranks share the 2 cores), or with ``python -m torch.distributed.run`` / a SLURM-like environment
+for the end-to-end launcher tests. Every worker returns a picklable result the test compares.
+
+What is checked:
+* launch detection (torchrun / SLURM variables, node lists);
+* autograd-aware gathers give the one-process gradient; a plain all_gather loses it and a plain
+  all_reduce scales it by 1/world (after DDP's averaging);
+* shuffle-BN equals its definition; the gloo SyncBatchNorm equals one BatchNorm on the global batch;
+* a 2-rank MoCo step (DDP) has the loss and gradients of a 1-process step on the same global batch
+  (BatchNorm in eval mode, or synchronised), and the queue gets the keys in global-batch order;
+* a 2-rank pretraining run writes files from rank 0 only; killed with SIGKILL and resumed (through a
+  SLURM-style launch) it ends bit-identical to the uninterrupted 2-rank run.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+
+from conftest import TINY, make_tree
+from interclr_cli.engine import dist
+from interclr_cli.engine.launch import detect, first_host
+
+WORLD = 2
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# -- harness -----------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world: int, port: int, fn, args: tuple, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    from interclr_cli.engine import launch
+
+    assert launch.init_distributed()
+    try:
+        result = fn(*args)
+    finally:
+        launch.teardown()
+    torch.save(result, f"{out}.rank{rank}")
+
+
+def spawn(tmp_path: Path, fn, *args, world: int = WORLD) -> list:
+    """Run ``fn(*args)`` on ``world`` gloo ranks; returns each rank's return value."""
+    out = str(tmp_path / f"result-{fn.__name__}")
+    mp.spawn(_entry, args=(world, free_port(), fn, args, out), nprocs=world, join=True)
+    return [torch.load(f"{out}.rank{r}", weights_only=False) for r in range(world)]
+
+
+def descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(d))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a launcher and every process it started (torchrun's workers run in their own sessions)."""
+    for p in descendants(pid)[::-1] + [pid]:  # workers first
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def child_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "INTERCLR_DEBUG"))}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env.update(extra)
+    return env
+
+
+# -- launch detection (no processes) ---------------------------------------------------------------
+
+def test_detects_torchrun_and_slurm_environments():
+    assert detect({}) is None
+    assert detect({"RANK": "0", "WORLD_SIZE": "1"}) is None  # a world of one runs as a plain process
+    t = detect({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "n1", "MASTER_PORT": "1234"})
+    assert (t.rank, t.world_size, t.local_rank, t.master_addr, t.master_port, t.launcher) == (3, 8, 1, "n1", 1234, "torchrun")
+    slurm = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "4242",
+             "SLURM_JOB_NODELIST": "gpu[07-08,11],cpu01"}
+    s = detect(slurm)
+    assert (s.rank, s.world_size, s.local_rank, s.master_addr, s.launcher) == (5, 8, 1, "gpu07", "slurm")
+    assert s.master_port == 20000 + 4242 % 20000
+    assert detect({**slurm, "MASTER_ADDR": "head", "MASTER_PORT": "777"}).master_addr == "head"
+    assert detect({**slurm, "SLURM_NTASKS": "1"}) is None           # srun -n 1, or a one-task allocation
+    assert detect({**slurm, "INTERCLR_NO_SLURM": "1"}) is None
+    assert detect({**slurm, "RANK": "0", "WORLD_SIZE": "2"}).launcher == "torchrun"  # torchrun inside srun wins
+    assert first_host("node001") == "node001" and first_host("a[9-12]") == "a9" and first_host("x-1,y") == "x-1"
+
+
+# -- collectives ----------------------------------------------------------------------------------
+
+def _contrastive(z: torch.Tensor) -> torch.Tensor:
+    """A loss that couples every row with every other one (like InfoNCE over a gathered batch)."""
+    z = F.normalize(z, dim=1)
+    logits = z @ z.t() / 0.5
+    logits = logits - 1e4 * torch.eye(z.shape[0])
+    target = torch.arange(z.shape[0]) ^ 1  # pairs (0,1), (2,3), ...
+    return F.cross_entropy(logits, target)
+
+
+def _extract_means(root: str):
+    """Sharded feature extraction: per-image channel means and a second output, in index order."""
+    from interclr_cli.config.schema import DataConfig
+    from interclr_cli.data import eval_transform, index_source
+    from interclr_cli.engine.features import extract
+
+    index = index_source(root, "imagefolder")
+    tf = eval_transform(DataConfig(image_size=16, eval_resize=16))
+    (a, b), labels = extract(lambda x: (x.mean((2, 3)), x.amax((1, 2, 3)).unsqueeze(1)), index, tf,
+                             device=torch.device("cpu"), batch_size=2, num_workers=0)
+    return a, b, labels
+
+
+def _collectives_worker(images: str):
+    import torch.distributed as tdist
+
+    from interclr_cli.engine.ddp import DistBatchNorm, _convert, check_replicas
+    from interclr_cli.engine.shuffle_bn import shuffled_forward
+
+    r, w, b = dist.rank(), dist.world_size(), 4
+    res: dict = {}
+    torch.manual_seed(0)
+    data = torch.randn(b * w, 5)
+    lin = nn.Linear(5, 6)
+    mine = data[r * b : (r + 1) * b]
+
+    def averaged_grad(loss):  # what DDP does to a parameter gradient
+        lin.zero_grad()
+        loss.backward()
+        return dist.all_reduce_mean(lin.weight.grad)
+
+    # every rank computes the loss of the gathered global batch
+    res["gather_with_grad"] = averaged_grad(_contrastive(dist.all_gather_with_grad(lin(mine))))
+    # a plain all_gather returns tensors cut from the graph
+    outs = [torch.empty(b, 6) for _ in range(w)]
+    tdist.all_gather(outs, lin(mine))
+    res["plain_gather_requires_grad"] = any(o.requires_grad for o in outs)
+    # sums over ranks: autograd-aware vs plain in-place all_reduce (identity backward)
+    res["reduce_with_grad"] = averaged_grad(_contrastive(dist.all_reduce_sum_with_grad(lin(mine))))
+    y = lin(mine).clone()
+    tdist.all_reduce(y)
+    res["plain_reduce"] = averaged_grad(_contrastive(y))
+    # uneven rows
+    res["rows"] = dist.all_gather_rows(torch.full((r + 1, 2), float(r)))
+
+    # shuffle-BN against its definition, with a train-mode BatchNorm
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    ref_net = copy.deepcopy(net)
+    x = torch.randn(b * w, 3, 6, 6)
+    perm = torch.randperm(b * w, generator=torch.Generator().manual_seed(7))
+    got = shuffled_forward(net, x[r * b : (r + 1) * b], perm)
+    ref = torch.empty(b * w, 3)
+    with torch.no_grad():
+        for s in range(w):
+            idx = torch.sort(perm[s * b : (s + 1) * b]).values  # the images rank s normalises together
+            out = ref_net(x[idx]) if s == r else copy.deepcopy(ref_net)(x[idx])
+            ref[idx] = out
+    res["shuffle_equal"] = torch.equal(got, ref[r * b : (r + 1) * b])
+    res["shuffle_running_mean_equal"] = torch.equal(net[1].running_mean, ref_net[1].running_mean)
+    with torch.no_grad():
+        res["shuffle_differs_from_local_bn"] = not torch.allclose(got, copy.deepcopy(ref_net)(x[r * b : (r + 1) * b]))
+    # without an explicit permutation: drawn in lockstep, broadcast from rank 0
+    shuffled_forward(net, x[r * b : (r + 1) * b])
+    res["rng_state"] = torch.get_rng_state()
+
+    # gloo SyncBatchNorm: output, gradients and running statistics of one BN over the global batch
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3))
+    single = copy.deepcopy(net)
+    synced = _convert(copy.deepcopy(net), DistBatchNorm)
+    res["sync_bn_converted"] = isinstance(synced[1], DistBatchNorm)
+    x = torch.randn(b * w, 3, 6, 6)
+    out = synced(x[r * b : (r + 1) * b])
+    out.square().mean().backward()
+    grads = [dist.all_reduce_mean(p.grad) for p in synced.parameters()]
+    ref = single(x)
+    ref.square().mean().backward()
+    res["sync_bn_out"] = (out, ref[r * b : (r + 1) * b].detach())
+    res["sync_bn_grads"] = (grads, [p.grad for p in single.parameters()])
+    res["sync_bn_stats"] = ((synced[1].running_mean, synced[1].running_var), (single[1].running_mean, single[1].running_var))
+
+    # replica check: names what differs between ranks
+    mod = nn.Module()
+    mod.register_buffer("same", torch.ones(3))
+    mod.register_buffer("mine", torch.full((3,), float(r)))
+    res["replicas"] = check_replicas(mod)
+    res["extract"] = _extract_means(images)
+
+    # the reference grads of the gather tests, computed without any collective
+    lin.zero_grad()
+    _contrastive(lin(data)).backward()
+    res["true_gather_grad"] = lin.weight.grad.clone()
+    lin.zero_grad()
+    z = lin(data).view(w, b, 6).sum(0)
+    _contrastive(z).backward()
+    res["true_reduce_grad"] = lin.weight.grad.clone()
+    return res
+
+
+def test_collectives_gradients_shuffle_bn_sync_bn_and_sharded_extraction(tmp_path):
+    images = make_tree(tmp_path / "images", 3, classes=4)
+    (images / sorted(os.listdir(images))[-1] / "0002.jpg").unlink()  # 11 images: shards of 6 and 5
+    r0, r1 = spawn(tmp_path, _collectives_worker, str(images))
+    ref = _extract_means(str(images))
+    for r in (r0, r1):
+        assert r["replicas"] == ["mine"]
+        assert all(torch.equal(g, e) for g, e in zip(r["extract"], ref)), "sharded extraction differs"
+        assert r["extract"][0].shape == (11, 3)
+    for r in (r0, r1):
+        assert torch.allclose(r["gather_with_grad"], r["true_gather_grad"], rtol=1e-5, atol=1e-7)
+        assert r["plain_gather_requires_grad"] is False  # the gradient is dropped
+        assert torch.allclose(r["reduce_with_grad"], r["true_reduce_grad"], rtol=1e-5, atol=1e-7)
+        # identity backward + DDP averaging = 1/world of the true gradient
+        assert torch.allclose(r["plain_reduce"], r["true_reduce_grad"] / WORLD, rtol=1e-5, atol=1e-7)
+        assert not torch.allclose(r["plain_reduce"], r["true_reduce_grad"], rtol=1e-3)
+        assert torch.equal(r["rows"], torch.tensor([[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]))
+        assert r["shuffle_equal"] and r["shuffle_running_mean_equal"] and r["shuffle_differs_from_local_bn"]
+        assert r["sync_bn_converted"]
+        got, ref = r["sync_bn_out"]
+        assert torch.allclose(got, ref, rtol=1e-5, atol=1e-6)
+        for g, e in zip(*r["sync_bn_grads"]):
+            assert torch.allclose(g, e, rtol=1e-4, atol=1e-7)
+        for g, e in zip(*r["sync_bn_stats"]):
+            assert torch.allclose(g, e, rtol=1e-5, atol=1e-7)
+    assert torch.equal(r0["gather_with_grad"], r1["gather_with_grad"])
+    assert torch.equal(r0["rng_state"], r1["rng_state"])  # the ranks' generators stay in lockstep
+
+
+# -- a MoCo v2 step: 2 ranks vs 1 process on the same global batch ---------------------------------
+
+MOCO = [*TINY, "method.queue_size=16", "data.image_size=16", "model.embed_dim=16", "optim.lr=0.1"]
+B = 4  # per rank
+
+
+def _global_batch():
+    g = torch.Generator().manual_seed(123)
+    n = B * WORLD
+    return {"view1": torch.randn(n, 3, 16, 16, generator=g), "view2": torch.randn(n, 3, 16, 16, generator=g),
+            "index": torch.arange(n), "label": torch.zeros(n, dtype=torch.long)}
+
+
+def _moco_step(overrides: list[str], bn_eval: bool, kind: str = "ddp") -> dict:
+    """One optimizer step of MoCo v2; distributed when the process group is up."""
+    from interclr_cli.config import load_config
+    from interclr_cli.engine.ddp import convert_sync_bn, wrap_ddp
+    from interclr_cli.engine.optim import build_optimizer
+    from interclr_cli.methods import build_method
+
+    cfg = load_config("mocov2-r18-cifar", MOCO + overrides)
+    torch.manual_seed(0)
+    method = build_method(cfg, 100)
+    method = convert_sync_bn(method, sync_bn=cfg.model.sync_bn, key_bn=cfg.method.key_bn, device=torch.device("cpu"))
+    method.train()
+    if bn_eval:
+        for m in method.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+    opt = build_optimizer(cfg.optim, [{"params": method.trainable_parameters()}], cfg.optim.lr)
+    runner = wrap_ddp(method, torch.device("cpu"), kind=kind) if dist.is_dist() else method
+    batch = _global_batch()
+    r = dist.rank()
+    n = B if dist.is_dist() else B * WORLD
+    local = {k: v[r * n : (r + 1) * n] for k, v in batch.items()}
+    loss, _ = runner.training_step(local, 0, 0)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if dist.is_dist():
+        runner.sync_gradients()
+    grads = {k: p.grad.clone() for k, p in method.named_parameters() if p.grad is not None}
+    opt.step()
+    method.after_optimizer_step(0)
+    return {"loss": dist.all_reduce_mean(loss.detach()), "grads": grads, "queue": method.queue.clone(),
+            "bn": {k: v.clone() for k, v in method.state_dict().items() if "running" in k}}
+
+
+SCENARIOS = {
+    "bn_eval": ([], True, "ddp"),
+    "bn_eval_allreduce": ([], True, "allreduce"),
+    "sync_bn": (["model.sync_bn=true", "method.key_bn=sync"], False, "ddp"),
+}
+
+
+def _moco_worker():
+    return {name: _moco_step(*spec) for name, spec in SCENARIOS.items()}
+
+
+def test_two_rank_moco_step_equals_one_process_step(tmp_path):
+    ranks = spawn(tmp_path, _moco_worker)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        refs = {name: _moco_step(*spec) for name, spec in SCENARIOS.items()}
+    finally:
+        torch.set_num_threads(before)
+    for name, ref in refs.items():
+        for rk, got in enumerate(r[name] for r in ranks):
+            where = f"{name}, rank {rk}"
+            assert torch.allclose(got["loss"], ref["loss"], rtol=1e-6, atol=1e-7), (where, got["loss"], ref["loss"])
+            assert got["grads"].keys() == ref["grads"].keys(), where
+            worst = max(((got["grads"][k] - ref["grads"][k]).abs().max() / ref["grads"][k].abs().max().clamp(min=1e-12)).item()
+                        for k in ref["grads"])
+            assert worst < 1e-4, (where, worst)
+            # keys are gathered in rank order = the global batch order
+            qdiff = (got["queue"] - ref["queue"]).abs().max().item()
+            assert qdiff < (1e-6 if name.startswith("bn_eval") else 2e-5), (where, qdiff)
+        assert torch.equal(ranks[0][name]["queue"], ranks[1][name]["queue"]), name
+        assert all(torch.equal(ranks[0][name]["grads"][k], ranks[1][name]["grads"][k]) for k in ref["grads"]), name
+    for k, v in refs["sync_bn"]["bn"].items():  # synchronised BN statistics = global-batch statistics
+        assert torch.allclose(ranks[0]["sync_bn"]["bn"][k], v, rtol=1e-5, atol=1e-6), k
+    # DDP and the flat all-reduce agree
+    for k, g in ranks[0]["bn_eval"]["grads"].items():
+        assert torch.allclose(g, ranks[0]["bn_eval_allreduce"]["grads"][k], rtol=1e-6, atol=1e-9), k
+
+
+# -- end to end: rank-0-only files, kill and resume ----------------------------------------------
+
+def _pretrain_overrides(data: Path) -> list[str]:
+    return [f"data.root={data}", "train.epochs=1", *TINY, "train.batch_size=4", "train.ckpt_every_steps=2",
+            "train.keep_last=10", "method.key_bn=shuffle", "monitor.every=1", "monitor.at_start=false",
+            "monitor.rankme_samples=16", "monitor.knn_max_train=32", "monitor.knn_k=5"]
+
+
+def _pretrain_worker(out: str, overrides: list[str], watch: str):
+    """run_pretrain on every rank; rank 1 records every file it creates or changes under ``watch``."""
+    from interclr_cli.engine.pretrain import run_pretrain
+
+    events: list = []
+    if dist.rank() != 0:
+        def hook(name, args):
+            if name == "open" and args and isinstance(args[0], (str, bytes, os.PathLike)):
+                path, mode, flags = args[0], args[1], args[2]
+                writes = (mode is not None and any(c in str(mode) for c in "wax+")) or (
+                    mode is None and isinstance(flags, int) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
+                if writes and str(os.fsdecode(path)).startswith(watch):
+                    events.append((name, os.fsdecode(path)))
+            elif name in ("os.rename", "os.remove", "os.mkdir", "os.rmdir", "shutil.rmtree", "os.truncate") and args:
+                if str(os.fsdecode(args[0])).startswith(watch):
+                    events.append((name, os.fsdecode(args[0])))
+        sys.addaudithook(hook)
+    summary = run_pretrain("mocov2-r18-cifar", overrides, out=out, resume=None, force=False, show_progress=False)
+    return {"summary": summary, "events": list(events)}
+
+
+def _tensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return {k: v for k, v in load_file(str(path)).items() if k.startswith(("model.", "optim.", "method."))}
+
+
+@pytest.fixture
+def dist_data(tmp_path) -> Path:
+    return make_tree(tmp_path / "data" / "train", 6)  # 24 images: 3 global batches of 8
+
+
+def test_only_rank0_writes_and_kill_resume_matches_uninterrupted(tmp_path, dist_data):
+    # 1) the uninterrupted 2-rank run, watching rank 1's file writes
+    ref_dir = tmp_path / "ref"
+    ov = _pretrain_overrides(dist_data)
+    r0, r1 = spawn(tmp_path, _pretrain_worker, str(ref_dir), ov, str(tmp_path))
+    assert r1["events"] == [], r1["events"][:5]
+    s = r0["summary"]
+    assert s["steps"] == 3 and s["epochs"] == 1 and "knn_top1" in s and "rankme" in s
+    assert r1["summary"]["checkpoint"] == s["checkpoint"]
+    recs = [json.loads(l) for l in (ref_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["type"] for r in recs].count("epoch") == 1  # one writer
+    ref_ckpt = Path(s["checkpoint"])
+
+    # 2) the same run under torchrun, SIGKILLed (the whole process group) after its first checkpoint
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD), "--master-port", str(free_port()),
+           "-m", "interclr_cli", "pretrain", "--preset", "mocov2-r18-cifar", "--out", str(out), "--quiet", *ov]
+    proc = subprocess.Popen(cmd, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    from interclr_cli.engine.checkpoint import list_checkpoints
+
+    deadline = time.time() + 120
+    while time.time() < deadline and not list_checkpoints(out / "checkpoints") and proc.poll() is None:
+        time.sleep(0.05)
+    kill_tree(proc.pid)
+    _, err = proc.communicate()
+    ckpts = list_checkpoints(out / "checkpoints")
+    assert ckpts, err.decode()[-2000:]
+    assert ckpts[-1].name != ref_ckpt.name, "the run was not interrupted"
+
+    # 3) resume it with 2 processes started the way srun starts them
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "interclr_cli", "pretrain", "--out", str(out), "--resume", "--json", "--quiet"],
+                              env=child_env(SLURM_PROCID=str(r), SLURM_NTASKS=str(WORLD), SLURM_LOCALID=str(r),
+                                            SLURM_JOB_NODELIST="localhost", MASTER_PORT=str(port)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(WORLD)]
+    results = [p.communicate(timeout=180) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e[-2000:] for _, e in results]
+    assert results[1][0] == "", "rank 1 printed on stdout"
+    got = Path(json.loads(results[0][0])["checkpoint"])
+    assert got.name == ref_ckpt.name
+    a, b = _tensors(ref_ckpt), _tensors(got)
+    assert a.keys() == b.keys()
+    diff = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not diff, diff[:5]
