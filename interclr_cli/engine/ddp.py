@@ -252,6 +252,16 @@ class GradAverager:
         sync_bn_buffers(self.method)
 
 
+def ddp_module(model: nn.Module, device: torch.device, **kw) -> nn.Module:
+    """``DistributedDataParallel(model)`` when running distributed, else ``model`` (for plain
+    supervised models, e.g. fine-tuning; ``model.module`` keeps the unprefixed state_dict names)."""
+    if not dist.is_dist() or dist.world_size() == 1:
+        return model
+    if device.type == "cuda":
+        kw.setdefault("device_ids", [device.index if device.index is not None else torch.cuda.current_device()])
+    return DistributedDataParallel(model, **kw)
+
+
 def wrap_ddp(method: nn.Module, device: torch.device, kind: str = "ddp", **kw) -> DDPMethod | GradAverager:
     """The gradient synchroniser for ``method``: ``ddp`` (default) or ``allreduce``.
 

@@ -131,6 +131,9 @@ class Trainer:
     def fit(self) -> RunResult:
         cfg = self.cfg
         self.device = device = select_device(cfg.device)
+        if dist.is_dist() and device.type == "cuda" and device.index not in (None, torch.cuda.current_device()):
+            log.warning(f"device={cfg.device} ignored under a distributed launch: rank {dist.rank()} uses its own GPU (LOCAL_RANK)")
+            self.device = device = torch.device("cuda", torch.cuda.current_device())
         seed_everything(cfg.seed)
         index, folder = self._data()
         n = len(index)
