@@ -11,8 +11,8 @@ What is checked:
 * shuffle-BN equals its definition; the gloo SyncBatchNorm equals one BatchNorm on the global batch;
 * a 2-rank MoCo step (DDP) has the loss and gradients of a 1-process step on the same global batch
   (BatchNorm in eval mode, or synchronised), and the queue gets the keys in global-batch order;
-* a 2-rank pretraining run writes files from rank 0 only; killed with SIGKILL and resumed (through a
-  SLURM-style launch) it ends bit-identical to the uninterrupted 2-rank run.
+* a 2-rank pretraining run writes files from rank 0 only; killed with SIGKILL under torchrun and
+  resumed (through a SLURM-style launch) it ends bit-identical to the uninterrupted 2-rank run.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def free_port() -> int:
 
 def _entry(rank: int, world: int, port: int, fn, args: tuple, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1", INTERCLR_DIST_TIMEOUT="3")
     torch.set_num_threads(1)
     from interclr_cli.engine import launch
 
@@ -101,7 +101,7 @@ def child_env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "INTERCLR_DEBUG"))}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), INTERCLR_DIST_TIMEOUT="3")
     env.update(extra)
     return env
 
@@ -224,6 +224,7 @@ def _collectives_worker(images: str):
     mod.register_buffer("mine", torch.full((3,), float(r)))
     res["replicas"] = check_replicas(mod)
     res["extract"] = _extract_means(images)
+    res["images"] = images
 
     # the reference grads of the gather tests, computed without any collective
     lin.zero_grad()
@@ -236,11 +237,9 @@ def _collectives_worker(images: str):
     return res
 
 
-def test_collectives_gradients_shuffle_bn_sync_bn_and_sharded_extraction(tmp_path):
-    images = make_tree(tmp_path / "images", 3, classes=4)
-    (images / sorted(os.listdir(images))[-1] / "0002.jpg").unlink()  # 11 images: shards of 6 and 5
-    r0, r1 = spawn(tmp_path, _collectives_worker, str(images))
-    ref = _extract_means(str(images))
+def test_collectives_gradients_shuffle_bn_sync_bn_and_sharded_extraction(ranks):
+    r0, r1 = (r["collectives"] for r in ranks)
+    ref = _extract_means(r0["images"])
     for r in (r0, r1):
         assert r["replicas"] == ["mine"]
         assert all(torch.equal(g, e) for g, e in zip(r["extract"], ref)), "sharded extraction differs"
@@ -323,8 +322,8 @@ def _moco_worker():
     return {name: _moco_step(*spec) for name, spec in SCENARIOS.items()}
 
 
-def test_two_rank_moco_step_equals_one_process_step(tmp_path):
-    ranks = spawn(tmp_path, _moco_worker)
+def test_two_rank_moco_step_equals_one_process_step(ranks):
+    ranks = [r["moco"] for r in ranks]
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -353,10 +352,12 @@ def test_two_rank_moco_step_equals_one_process_step(tmp_path):
 
 # -- end to end: rank-0-only files, kill and resume ----------------------------------------------
 
-def _pretrain_overrides(data: Path) -> list[str]:
-    return [f"data.root={data}", "train.epochs=1", *TINY, "train.batch_size=4", "train.ckpt_every_steps=2",
-            "train.keep_last=10", "method.key_bn=shuffle", "monitor.every=1", "monitor.at_start=false",
-            "monitor.rankme_samples=16", "monitor.knn_max_train=32", "monitor.knn_k=5"]
+def _pretrain_overrides(data: Path, monitors: bool) -> list[str]:
+    ov = [f"data.root={data}", "train.epochs=1", *TINY, "train.batch_size=4", "train.ckpt_every_steps=2",
+          "train.keep_last=10", "method.key_bn=shuffle"]
+    if monitors:  # monitors never change the training state (eval mode, RNG-neutral extraction)
+        ov += ["monitor.every=1", "monitor.at_start=true", "monitor.rankme_samples=16", "monitor.knn_max_train=32", "monitor.knn_k=5"]
+    return ov
 
 
 def _pretrain_worker(out: str, overrides: list[str], watch: str):
@@ -386,25 +387,36 @@ def _tensors(path: Path) -> dict:
     return {k: v for k, v in load_file(str(path)).items() if k.startswith(("model.", "optim.", "method."))}
 
 
-@pytest.fixture
-def dist_data(tmp_path) -> Path:
-    return make_tree(tmp_path / "data" / "train", 6)  # 24 images: 3 global batches of 8
+def _all_worker(images: str, data: str, ref_dir: str, watch: str) -> dict:
+    """Everything that runs in the one pair of spawned ranks (process start-up is the main cost)."""
+    return {"collectives": _collectives_worker(images), "moco": _moco_worker(),
+            "pretrain": _pretrain_worker(ref_dir, _pretrain_overrides(Path(data), True), watch)}
 
 
-def test_only_rank0_writes_and_kill_resume_matches_uninterrupted(tmp_path, dist_data):
-    # 1) the uninterrupted 2-rank run, watching rank 1's file writes
-    ref_dir = tmp_path / "ref"
-    ov = _pretrain_overrides(dist_data)
-    r0, r1 = spawn(tmp_path, _pretrain_worker, str(ref_dir), ov, str(tmp_path))
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list:
+    tmp = tmp_path_factory.mktemp("dist")
+    images = make_tree(tmp / "images", 3, classes=4)
+    (images / sorted(os.listdir(images))[-1] / "0002.jpg").unlink()  # 11 images: shards of 6 and 5
+    data = make_tree(tmp / "e2e" / "data" / "train", 6)  # 24 images: 3 global batches of 8
+    return spawn(tmp, _all_worker, str(images), str(data), str(tmp / "e2e" / "ref"), str(tmp / "e2e"))
+
+
+def test_only_rank0_writes_and_kill_resume_matches_uninterrupted(tmp_path, ranks):
+    # 1) the uninterrupted 2-rank run (in the shared spawn), watching rank 1's file writes
+    r0, r1 = (r["pretrain"] for r in ranks)
+    ref_dir = Path(r0["summary"]["run_dir"])
+    dist_data = ref_dir.parent / "data" / "train"
     assert r1["events"] == [], r1["events"][:5]
     s = r0["summary"]
     assert s["steps"] == 3 and s["epochs"] == 1 and "knn_top1" in s and "rankme" in s
     assert r1["summary"]["checkpoint"] == s["checkpoint"]
     recs = [json.loads(l) for l in (ref_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["type"] for r in recs].count("epoch") == 1  # one writer
+    assert [r["type"] for r in recs].count("epoch") == 1 and recs[0]["type"] == "monitor"  # one writer
     ref_ckpt = Path(s["checkpoint"])
 
-    # 2) the same run under torchrun, SIGKILLed (the whole process group) after its first checkpoint
+    # 2) the same run (without monitors) under torchrun, SIGKILLed after its first checkpoint
+    ov = _pretrain_overrides(dist_data, False)
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD), "--master-port", str(free_port()),
            "-m", "interclr_cli", "pretrain", "--preset", "mocov2-r18-cifar", "--out", str(out), "--quiet", *ov]

@@ -20,6 +20,16 @@ from . import dist
 from .device import autocast, memory_format
 
 
+def rng_neutral_iter(loader):
+    """``iter(loader)`` without consuming the global torch RNG: a DataLoader draws a base seed when
+    an iterator starts, so an extraction pass (or, in training, a mid-epoch resume) would shift every
+    later draw (e.g. shuffle-BN's permutation). Samples and augmentations have their own seeds."""
+    state = torch.get_rng_state()
+    it = iter(loader)
+    torch.set_rng_state(state)
+    return it
+
+
 def subset_index(index: FileIndex, positions: Sequence[int] | np.ndarray) -> FileIndex:
     pos = np.asarray(positions, dtype=np.int64)
     return FileIndex(root=index.root, paths=[index.paths[i] for i in pos], labels=np.asarray(index.labels)[pos], classes=list(index.classes))
@@ -51,7 +61,7 @@ def extract(
     outs: list[torch.Tensor] | None = None
     task = reporter.task(description, total=len(loader)) if reporter is not None else None
     fmt = memory_format(channels_last)
-    for batch in loader:
+    for batch in rng_neutral_iter(loader):
         if batch["index"].numel() == 0:
             continue
         x = batch["image"].to(device, non_blocking=True).to(memory_format=fmt)

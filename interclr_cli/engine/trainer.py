@@ -40,7 +40,7 @@ from .checkpoint import (
     save_training_checkpoint,
 )
 from .device import autocast, memory_format, select_device
-from .features import extract
+from .features import extract, rng_neutral_iter
 from .monitor import Monitor
 from .optim import build_optimizer, lr_factor, scaled_lr, set_lr
 from .progress import Reporter
@@ -53,16 +53,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def rng_neutral_iter(loader):
-    """``iter(loader)`` without consuming the global torch RNG: a DataLoader draws a base seed when
-    an iterator starts, so after a mid-epoch resume every later draw (e.g. shuffle-BN's permutation)
-    would be shifted. Samples and augmentations have their own seeds, so nothing else changes."""
-    state = torch.get_rng_state()
-    it = iter(loader)
-    torch.set_rng_state(state)
-    return it
 
 
 def resolve_train_root(root: str) -> tuple[str, Optional[Path]]:
