@@ -66,6 +66,7 @@ def main() -> None:
     setup_s = time.perf_counter() - t0
     gen = torch.Generator().manual_seed(0)
     sim_buf = torch.empty(b, n)
+    workspace: dict = {}  # reused sampling temporaries, as the method keeps them
     state = {"it": 0}
 
     def step(threshold: str, centroid_step: bool = False) -> dict[str, float]:
@@ -88,7 +89,7 @@ def main() -> None:
         pos = sample_positives(labels.labels, ql, gen, LabelIndex.build(labels.labels))
         mark("pos")
         neg = sample_negatives(
-            sim, labels.labels, ql, args.mode, args.negatives, args.pool, gen, threshold, args.pool_sample
+            sim, labels.labels, ql, args.mode, args.negatives, args.pool, gen, threshold, args.pool_sample, workspace
         )
         mark("neg")
         pos_cos = (q * bank.rows(pos)).sum(1)

@@ -16,6 +16,15 @@ from interclr_cli.memory import (
 from interclr_cli.memory.sampling import sampled_pool_cap
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread avoids OpenMP spin-waits on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _chi2_ok(counts: torch.Tensor, p: float = 1e-4) -> bool:
     """Counts over equally likely cells pass a chi-square goodness-of-fit test at level p."""
     counts = counts.double()
@@ -193,6 +202,10 @@ def test_same_seed_same_draws(mode, threshold):
     a = sample_negatives(sim, labels, ql, mode, 100, 400, torch.Generator().manual_seed(9), threshold, 512)
     b = sample_negatives(sim, labels, ql, mode, 100, 400, torch.Generator().manual_seed(9), threshold, 512)
     assert torch.equal(a.indices, b.indices)
+    ws: dict = {}  # reused temporaries give the same draws, call after call
+    for _ in range(2):
+        w = sample_negatives(sim, labels, ql, mode, 100, 400, torch.Generator().manual_seed(9), threshold, 512, ws)
+        assert torch.equal(a.indices, w.indices)
     if mode != "hard":
         c = sample_negatives(sim, labels, ql, mode, 100, 400, torch.Generator().manual_seed(10), threshold, 512)
         assert not torch.equal(a.indices, c.indices)

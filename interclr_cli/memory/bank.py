@@ -50,7 +50,8 @@ def _weighted_row_sum(features: torch.Tensor, idx: torch.Tensor, weights: torch.
         return F.embedding_bag(idx, features, per_sample_weights=weights.float(), mode="sum")
     out = torch.zeros(idx.shape[0], features.shape[1], device=features.device)
     for s in range(0, idx.shape[1], 2048):
-        rows = features[idx[:, s : s + 2048]].float()  # [B, c, D]
+        part = idx[:, s : s + 2048]
+        rows = features.index_select(0, part.reshape(-1)).view(*part.shape, -1).float()  # [B, c, D]
         out += torch.bmm(weights[:, s : s + 2048].float().unsqueeze(1), rows).squeeze(1)
     return out
 
@@ -69,7 +70,9 @@ class _BankCosine(torch.autograd.Function):
         out = torch.empty(idx.shape, device=q.device, dtype=torch.float32)
         qf = q.detach().float().unsqueeze(2)  # [B, D, 1]
         for s in range(0, idx.shape[1], 2048):
-            out[:, s : s + 2048] = torch.bmm(features[idx[:, s : s + 2048]].float(), qf).squeeze(2)
+            part = idx[:, s : s + 2048]
+            rows = features.index_select(0, part.reshape(-1)).view(*part.shape, -1).float()  # [B, c, D]
+            out[:, s : s + 2048] = torch.bmm(rows, qf).squeeze(2)
         return out
 
     @staticmethod
@@ -162,7 +165,8 @@ class MemoryBank(nn.Module):
 
     def rows(self, indices: torch.Tensor) -> torch.Tensor:
         """float32 copy of the rows ``indices`` (any shape) -> [..., D]."""
-        return self.features[indices].float()
+        flat = self.features.index_select(0, indices.reshape(-1)).float()
+        return flat.view(*indices.shape, self.dim)
 
     @torch.no_grad()
     def similarity(self, queries: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -222,13 +222,14 @@ class OnlineLabels(nn.Module):
         if n_small == 0 or n_small == self.num_clusters:
             return 0
         keep_ids = torch.nonzero(~small).squeeze(1)  # [K']
-        members = torch.nonzero(small[self.labels]).squeeze(1)  # [n] samples of small clusters
+        members = torch.nonzero(small.index_select(0, self.labels)).squeeze(1)  # [n] samples of small clusters
         if members.numel() > 0:
             keep_c = self.centroids[keep_ids]  # [K', D]
             target = torch.empty_like(members)
             for s in range(0, members.numel(), 4096):
                 m = members[s : s + 4096]
-                target[s : s + 4096] = keep_ids[torch.argmax(bank_features[m].float() @ keep_c.t(), dim=1)]
+                rows = bank_features.index_select(0, m).float()
+                target[s : s + 4096] = keep_ids[torch.argmax(rows @ keep_c.t(), dim=1)]
             ones = torch.ones_like(members)
             self.counts.index_add_(0, self.labels[members], -ones)
             self.counts.index_add_(0, target, ones)
@@ -238,7 +239,7 @@ class OnlineLabels(nn.Module):
             mem = torch.nonzero(self.labels == largest).squeeze(1)  # ascending sample order
             if mem.numel() < 2:
                 break
-            x = bank_features[mem].float()
+            x = bank_features.index_select(0, mem).float()
             second = two_means(x, generator, self.split_iters, self.min_cluster_size)
             n2 = second.sum()
             self.labels[mem[second]] = e
