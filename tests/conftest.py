@@ -49,7 +49,11 @@ def tiny_data(tmp_path) -> Path:
     return tmp_path / "data"
 
 
-def run_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_cli(*args: str, timeout: float = 300, env: dict | None = None, subprocess_: bool = False) -> subprocess.CompletedProcess:
+    """Run ``interclr ARGS``: in-process by default (fast: torch is imported once), or as a real
+    ``python -m interclr_cli`` subprocess. Returns a CompletedProcess either way."""
+    if not subprocess_ and env is None:
+        return _run_in_process(list(args))
     e = dict(os.environ)
     e.pop("INTERCLR_DEBUG", None)
     e.update(env or {})
@@ -65,3 +69,24 @@ def assert_clean_error(res: subprocess.CompletedProcess, code: int = 2, fragment
     assert last.startswith(("error:", "Error:")) or "Error" in last or "error" in last, res.stderr
     if fragment is not None:
         assert fragment in res.stderr, res.stderr
+
+
+def _run_in_process(args: list[str]) -> subprocess.CompletedProcess:
+    import contextlib
+    import io
+    import logging
+
+    from interclr_cli.cli.app import main
+
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    logger = logging.getLogger("interclr")
+    saved = list(logger.handlers)
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(args)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        finally:
+            logger.handlers = saved
+    return subprocess.CompletedProcess(["interclr", *args], code, out.getvalue(), err.getvalue())

@@ -18,7 +18,7 @@ from interclr_cli.engine.checkpoint import list_checkpoints
 from interclr_cli.engine.pretrain import run_pretrain
 from interclr_cli.errors import UserError, WorkError
 
-from .conftest import TINY, assert_clean_error, run_cli
+from conftest import TINY, assert_clean_error, run_cli
 
 
 def _model_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -133,7 +133,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_data, tmp_pat
     assert names == ["ckpt-e0001-s00000006.safetensors"]
 
 
-def test_cli_error_paths_are_one_line(tiny_data, tmp_path):
+def test_cli_error_paths_are_one_line(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default run folder would be ./runs/...
     assert_clean_error(run_cli("pretrain", "--preset", "nope-preset"), 2, "unknown preset")
     assert_clean_error(run_cli("pretrain", "--preset", "quickstart", "optim.lrr=1"), 2, "did you mean 'optim.lr'")
     assert_clean_error(run_cli("pretrain", "--preset", "quickstart", "train.epochs=two"), 2, "train.epochs expects integer")
@@ -149,6 +150,8 @@ def test_cli_error_paths_are_one_line(tiny_data, tmp_path):
     assert_clean_error(run_cli("pretrain", "--resume", str(tmp_path / "nothing")), 2, "does not exist")
     res = run_cli("pretrain", "--no-such-flag")
     assert res.returncode == 2 and "Traceback" not in res.stderr
+    # bad input left nothing behind: no run folder was created
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "r1").exists()
 
 
 def test_resume_refuses_incompatible_config(tiny_data, tmp_path):
@@ -172,3 +175,10 @@ def test_presets_list_and_show():
     assert "quickstart" in names and "r50-imagenet" in names
     res = run_cli("presets", "show", "r18-cifar", "optim.lr=0.5")
     assert res.returncode == 0 and "lr: 0.5" in res.stdout and "name: interclr" in res.stdout
+
+
+def test_module_entry_point_and_usage_errors_in_a_real_process():
+    res = run_cli("--help", subprocess_=True)
+    assert res.returncode == 0 and "pretrain" in res.stdout and "Examples" in res.stdout
+    res = run_cli("pretrain", "--preset", "quickstart", "optim.lrr=1", subprocess_=True)
+    assert_clean_error(res, 2, "did you mean 'optim.lr'")

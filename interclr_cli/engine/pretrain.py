@@ -8,7 +8,7 @@ from typing import Optional
 from ..config.loader import apply_overrides, config_from_mapping, load_config, validate
 from ..errors import UserError
 from .checkpoint import TrainingCheckpoint
-from .rundir import default_run_dir, prepare_run_dir
+from .rundir import check_run_dir, default_run_dir, prepare_run_dir
 from .trainer import Trainer, latest_checkpoint, load_run_config
 
 LATEST = "__latest__"
@@ -47,8 +47,9 @@ def run_pretrain(preset: Optional[str], overrides: list[str], *, out: Optional[s
         cfg = load_config(preset, overrides)
         run_dir = Path(out) if out else default_run_dir(cfg.name)
         ckpt_path = None
-        prepare_run_dir(run_dir, resume=False, force=force)
-    result = Trainer(cfg, run_dir, resume_from=ckpt_path, show_progress=show_progress).fit()
+        check_run_dir(run_dir, force=force)  # refuse early; the folder is created once the data is known good
+    prepare = None if resume is not None else (lambda: prepare_run_dir(run_dir, resume=False, force=force))
+    result = Trainer(cfg, run_dir, resume_from=ckpt_path, show_progress=show_progress, prepare=prepare).fit()
     summary = {
         "run_dir": str(result.run_dir),
         "checkpoint": str(result.checkpoint) if result.checkpoint else None,

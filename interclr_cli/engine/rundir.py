@@ -20,6 +20,18 @@ def default_run_dir(name: str, root: Path = Path("runs")) -> Path:
     return root / f"{name or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def check_run_dir(path: Path, *, force: bool) -> None:
+    """Raise the refusal ``prepare_run_dir`` would raise for a new run, without touching anything."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--out {path} is a file; choose a folder path")
+    if path.is_dir() and any(path.iterdir()):
+        if not force:
+            raise UserError(f"run folder {path} already exists and is not empty; pass --resume to continue it, --force to overwrite it, or choose another --out")
+        if not (path / RUN_MARKER).is_file():
+            raise UserError(f"{path} is not empty and is not an interclr run folder; refusing to overwrite it even with --force; choose another --out")
+
+
 def prepare_run_dir(path: Path, *, resume: bool, force: bool) -> Path:
     """Create or reuse a run directory, refusing to clobber one without ``--resume``/``--force``.
 

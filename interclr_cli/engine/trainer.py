@@ -12,11 +12,13 @@ from __future__ import annotations
 import logging
 import math
 import random
+import shutil
+import tempfile
 import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -81,11 +83,14 @@ class RunResult:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, run_dir: Path, *, resume_from: Optional[Path] = None, show_progress: bool = True):
+    def __init__(self, cfg: Config, run_dir: Path, *, resume_from: Optional[Path] = None, show_progress: bool = True,
+                 prepare: Optional[Callable[[], None]] = None):
         self.cfg = cfg
         self.run_dir = Path(dist.broadcast_object(str(run_dir)))  # rank 0's (a default name holds a timestamp)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.resume_from = resume_from
+        self.prepare = prepare
+        self._tmp_cache: Optional[Path] = None
         self.reporter = Reporter(enabled=show_progress)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
 
@@ -93,6 +98,12 @@ class Trainer:
     def _data(self) -> tuple[FileIndex, Optional[Path]]:
         root, folder = resolve_train_root(self.cfg.data.root)
         cache = self.run_dir / "file_index.txt"
+        if self.prepare is not None:
+            # a new run: the run folder does not exist yet, so that bad data leaves nothing behind;
+            # the index cache is written to a temporary folder and moved in by _create_run_dir
+            self._tmp_cache = Path(tempfile.mkdtemp(prefix="interclr-index-")) / "file_index.txt"
+            index = index_source(root, self.cfg.data.source, cache_path=self._tmp_cache if dist.is_main() else None)
+            return index, folder
         # rank 0 scans and writes the cache; the others read it (and never write)
         index = dist.main_first(lambda main: index_source(root, self.cfg.data.source,
                                                           cache_path=cache if main or cache.is_file() else None))
@@ -116,6 +127,19 @@ class Trainer:
 
         return TrainContext(device=device, num_samples=len(index), steps_per_epoch=steps_per_epoch,
                             resumed=resumed, extract=run_extract, log=lambda s: self.reporter.print(s))
+
+    def _create_run_dir(self) -> None:
+        """Create the run folder once the config, device and data are known to be good."""
+        if self.prepare is None:
+            return
+        try:
+            self.prepare()
+            if dist.is_main() and self._tmp_cache is not None and self._tmp_cache.is_file():
+                shutil.move(str(self._tmp_cache), self.run_dir / "file_index.txt")
+        finally:
+            if self._tmp_cache is not None:
+                shutil.rmtree(self._tmp_cache.parent, ignore_errors=True)
+            self.prepare = None
 
     # -- the loop -------------------------------------------------------------------------------
     def fit(self) -> RunResult:
@@ -179,6 +203,7 @@ class Trainer:
         if cfg.train.compile:
             method.compile_networks()
 
+        self._create_run_dir()
         ctx = self._ctx(index, steps_per_epoch, resumed)
         monitor = Monitor(cfg, index, folder, device, self.run_dir if dist.is_main() else None) if (cfg.monitor.rankme or cfg.monitor.knn) else None
         last_ckpt: Optional[Path] = None
