@@ -12,7 +12,12 @@ What is checked:
 * a 2-rank MoCo step (DDP) has the loss and gradients of a 1-process step on the same global batch
   (BatchNorm in eval mode, or synchronised), and the queue gets the keys in global-batch order;
 * a 2-rank pretraining run writes files from rank 0 only; killed with SIGKILL under torchrun and
-  resumed (through a SLURM-style launch) it ends bit-identical to the uninterrupted 2-rank run.
+  resumed (through a SLURM-style launch) it ends bit-identical to the uninterrupted 2-rank run;
+* InterCLR: after N steps the memory bank, labels, counts and centroids are bit-identical on both
+  ranks (cluster splits included), and a 2-rank run stopped mid-epoch and resumed ends
+  bit-identical to the uninterrupted 2-rank run.
+
+All the spawned work shares one pair of processes (a module fixture): start-up is the main cost.
 """
 
 from __future__ import annotations
@@ -387,10 +392,17 @@ def _tensors(path: Path) -> dict:
     return {k: v for k, v in load_file(str(path)).items() if k.startswith(("model.", "optim.", "method."))}
 
 
-def _all_worker(images: str, data: str, ref_dir: str, watch: str) -> dict:
+def _all_worker(images: str, data: str, ref_dir: str, watch: str, interclr_root: str, interclr_data: str) -> dict:
     """Everything that runs in the one pair of spawned ranks (process start-up is the main cost)."""
-    return {"collectives": _collectives_worker(images), "moco": _moco_worker(),
-            "pretrain": _pretrain_worker(ref_dir, _pretrain_overrides(Path(data), True), watch)}
+    out = {"collectives": _collectives_worker(images), "moco": _moco_worker(),
+           "pretrain": _pretrain_worker(ref_dir, _pretrain_overrides(Path(data), True), watch)}
+    try:
+        import interclr_cli.methods.interclr  # noqa: F401  (being written in parallel)
+    except ImportError:
+        out["interclr"] = None
+    else:
+        out["interclr"] = _interclr_worker(interclr_root, _interclr_overrides(Path(interclr_data)))
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -399,7 +411,9 @@ def ranks(tmp_path_factory) -> list:
     images = make_tree(tmp / "images", 3, classes=4)
     (images / sorted(os.listdir(images))[-1] / "0002.jpg").unlink()  # 11 images: shards of 6 and 5
     data = make_tree(tmp / "e2e" / "data" / "train", 6)  # 24 images: 3 global batches of 8
-    return spawn(tmp, _all_worker, str(images), str(data), str(tmp / "e2e" / "ref"), str(tmp / "e2e"))
+    idata = make_tree(tmp / "interclr" / "data" / "train", 4)  # 16 images: 2 global batches of 8
+    return spawn(tmp, _all_worker, str(images), str(data), str(tmp / "e2e" / "ref"), str(tmp / "e2e"),
+                 str(tmp / "interclr"), str(idata))
 
 
 def test_only_rank0_writes_and_kill_resume_matches_uninterrupted(tmp_path, ranks):
@@ -445,6 +459,85 @@ def test_only_rank0_writes_and_kill_resume_matches_uninterrupted(tmp_path, ranks
     got = Path(json.loads(results[0][0])["checkpoint"])
     assert got.name == ref_ckpt.name
     a, b = _tensors(ref_ckpt), _tensors(got)
+    assert a.keys() == b.keys()
+    assert "model.encoder_q.backbone.conv1.weight" in a and not any(".module." in k for k in a)  # DDP left no prefix
+    diff = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not diff, diff[:5]
+
+
+# -- InterCLR: replicated bank, labels and centroids; stop and resume ----------------------------
+
+INTERCLR_STATE = ("bank", "labels", "centroids", "counts", "queue", "labels_epoch")
+
+
+def _interclr_overrides(data: Path) -> list[str]:
+    # N = 16 (2 steps of 2 x 4 per epoch), K = 2, clusters below 4 members are dissolved and
+    # refilled by a split, centroids every 2 steps, sampling with replacement (duplicate indices
+    # inside a gathered batch)
+    return [f"data.root={data}", "train.epochs=2", *TINY, "train.batch_size=4", "train.keep_last=10",
+            "method.queue_size=16", "method.inter.num_clusters=2", "method.inter.min_cluster_size=4",
+            "method.inter.num_negatives=6", "method.inter.pool_fraction=0.5", "method.inter.centroid_update_every=2",
+            "method.inter.kmeans_iters=5", "method.inter.kmeans_gpu=false", "method.key_bn=shuffle"]
+
+
+def _interclr_state(method) -> dict:
+    return {"bank": method.bank.features.clone(), "labels": method.labels.labels.clone(),
+            "centroids": method.labels.centroids.clone(), "counts": method.labels.counts.clone(),
+            "queue": method.queue.clone(), "labels_epoch": method.labels_epoch.clone()}
+
+
+def _interclr_worker(root: str, overrides: list[str]) -> dict:
+    """Three runs in the same 2 processes: uninterrupted; stopped at step 3 (mid-epoch 2); resumed."""
+    from interclr_cli.engine import trainer
+    from interclr_cli.engine.pretrain import run_pretrain
+
+    built = []
+    build = trainer.build_method
+    trainer.build_method = lambda cfg, n: built.append(build(cfg, n)) or built[-1]
+    common = dict(force=False, show_progress=False)
+    out: dict = {}
+    out["ref"] = run_pretrain("r18-cifar", overrides, out=f"{root}/ref", resume=None, **common)
+    out["ref_state"] = _interclr_state(built[-1])
+    out["part"] = run_pretrain("r18-cifar", overrides + ["train.max_steps=3"], out=f"{root}/part", resume=None, **common)
+    out["part_state"] = _interclr_state(built[-1])
+    out["resumed"] = run_pretrain(None, ["train.max_steps=0"], out=f"{root}/part", resume="__latest__", **common)
+    out["resumed_state"] = _interclr_state(built[-1])
+    return out
+
+
+def _interclr_ckpt(path) -> dict:
+    from safetensors.torch import load_file
+
+    return {k: v for k, v in load_file(str(path)).items() if k.startswith(("model.", "optim.", "method."))}
+
+
+@pytest.fixture
+def interclr_runs(ranks):
+    if ranks[0]["interclr"] is None:
+        pytest.skip("interclr_cli.methods.interclr is not there yet")
+    return [r["interclr"] for r in ranks]
+
+
+def test_bank_labels_and_centroids_are_bit_identical_on_both_ranks(interclr_runs):
+    r0, r1 = interclr_runs
+    assert r0["ref"]["steps"] == 4 and r0["ref"]["method"] == "interclr"
+    for run in ("ref_state", "part_state", "resumed_state"):
+        for k in INTERCLR_STATE:
+            assert torch.equal(r0[run][k], r1[run][k]), (run, k)
+    s = r0["ref_state"]
+    assert int(s["counts"].sum()) == s["labels"].numel() == 16
+    assert torch.equal(s["counts"], torch.bincount(s["labels"], minlength=2))
+    assert int(s["counts"].min()) >= 4  # small clusters were dissolved and refilled identically
+    assert torch.allclose(s["bank"].norm(dim=1), torch.ones(16), atol=1e-5)
+
+
+def test_stopped_and_resumed_two_rank_run_matches_uninterrupted(interclr_runs):
+    r0, r1 = interclr_runs
+    assert r0["part"]["steps"] == 3 and r0["resumed"]["steps"] == 4
+    for r in (r0, r1):
+        for k in INTERCLR_STATE:
+            assert torch.equal(r["resumed_state"][k], r["ref_state"][k]), k
+    a, b = _interclr_ckpt(r0["ref"]["checkpoint"]), _interclr_ckpt(r0["resumed"]["checkpoint"])
     assert a.keys() == b.keys()
     diff = [k for k in a if not torch.equal(a[k], b[k])]
     assert not diff, diff[:5]
