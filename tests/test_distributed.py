@@ -370,16 +370,19 @@ def _pretrain_worker(out: str, overrides: list[str], watch: str):
     from interclr_cli.engine.pretrain import run_pretrain
 
     events: list = []
+    import tempfile
+
+    watched = (watch, os.path.join(tempfile.gettempdir(), "interclr-"))  # the run folder, interclr's temp files
     if dist.rank() != 0:
         def hook(name, args):
             if name == "open" and args and isinstance(args[0], (str, bytes, os.PathLike)):
                 path, mode, flags = args[0], args[1], args[2]
                 writes = (mode is not None and any(c in str(mode) for c in "wax+")) or (
                     mode is None and isinstance(flags, int) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
-                if writes and str(os.fsdecode(path)).startswith(watch):
+                if writes and str(os.fsdecode(path)).startswith(watched):
                     events.append((name, os.fsdecode(path)))
             elif name in ("os.rename", "os.remove", "os.mkdir", "os.rmdir", "shutil.rmtree", "os.truncate") and args:
-                if str(os.fsdecode(args[0])).startswith(watch):
+                if str(os.fsdecode(args[0])).startswith(watched):
                     events.append((name, os.fsdecode(args[0])))
         sys.addaudithook(hook)
     summary = run_pretrain("mocov2-r18-cifar", overrides, out=out, resume=None, force=False, show_progress=False)

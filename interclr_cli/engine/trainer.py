@@ -101,12 +101,13 @@ class Trainer:
         if self.prepare is not None:
             # a new run: the run folder does not exist yet, so that bad data leaves nothing behind;
             # the index cache is written to a temporary folder and moved in by _create_run_dir
-            self._tmp_cache = Path(tempfile.mkdtemp(prefix="interclr-index-")) / "file_index.txt"
-            index = index_source(root, self.cfg.data.source, cache_path=self._tmp_cache if dist.is_main() else None)
-            return index, folder
-        # rank 0 scans and writes the cache; the others read it (and never write)
-        index = dist.main_first(lambda main: index_source(root, self.cfg.data.source,
-                                                          cache_path=cache if main or cache.is_file() else None))
+            if dist.is_main():  # the other ranks scan too, and write nothing
+                self._tmp_cache = Path(tempfile.mkdtemp(prefix="interclr-index-")) / "file_index.txt"
+            index = index_source(root, self.cfg.data.source, cache_path=self._tmp_cache)
+        else:
+            # rank 0 scans and writes the cache; the others read it (and never write)
+            index = dist.main_first(lambda main: index_source(root, self.cfg.data.source,
+                                                              cache_path=cache if main or cache.is_file() else None))
         if dist.is_dist():
             digest = zlib.crc32("\n".join(index.paths).encode("utf-8", "surrogateescape"))
             dist.check_same((len(index), digest), "the training file list (count, crc32)")
