@@ -54,6 +54,8 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+
+from ..engine import dist
 import torch.nn as nn
 
 from . import _rng
@@ -270,6 +272,10 @@ class OnlineLabels(nn.Module):
         change = self.relabel(indices, feats)
         if self.centroid_update_every > 0 and (iteration + 1) % self.centroid_update_every == 0:
             self.recompute_centroids(bank_features)
+            if bank_features.is_cuda and dist.is_dist():
+                # CUDA's float index_add_ sums in no fixed order, so ranks could drift apart by
+                # rounding: take rank 0's centroids (K x D, ~5 MB every centroid_update_every steps)
+                dist.broadcast_(self.centroids, 0)
         self.fix_small_clusters(bank_features, generator)
         return self.stats(change)
 
