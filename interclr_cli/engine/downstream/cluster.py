@@ -1,0 +1,205 @@
+"""`interclr cluster`: k-means of the frozen features, scored against labels when they exist.
+
+Features (backbone, or the projection head's embedding) are L2-normalised, optionally projected
+onto their top ``--pca`` principal components (then normalised again), and clustered with faiss
+k-means (on the GPU when one is in use and faiss-gpu is installed). Outputs in the run folder:
+
+- ``assignments.csv``: ``path,cluster,distance`` per image, distance being the squared Euclidean
+  distance to the centroid in the clustered space (normalised features: 2 - 2 cos);
+- ``centroids.safetensors``: ``centroids`` [k, d] and, with PCA, ``pca.mean`` [D] and
+  ``pca.components`` [d, D] (project with ``normalize((normalize(x) - mean) @ components.T)``);
+- ``clusters.png``: one row per largest cluster, the images nearest its centroid;
+- with labels: NMI, ARI, AMI, purity and Hungarian-matched accuracy
+  (:func:`~interclr_cli.eval.metrics.cluster_report`).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ...data import load_rgb
+from ...data.sources import FileIndex
+from ...errors import UserError
+from ...eval.contact_sheet import contact_sheet
+from ...eval.metrics import cluster_report
+from ..checkpoint import atomic_save
+from ..device import select_device
+from ..progress import Reporter
+from ..rundir import MetricsLog, attach_file_log, detach_log
+from .common import close_run, open_run, prepare_backbone, refuse_early, resolve_config, run_extract, single_folder, with_head
+from .loading import describe, load_backbone
+
+log = logging.getLogger("interclr")
+
+_CHUNK = 65536
+
+
+@torch.no_grad()
+def pca_fit(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean [D], components [dim, D]) of the rows of ``x``: the top eigenvectors of the covariance,
+    accumulated in float64 chunk by chunk (no centred copy of x), signs fixed so that each
+    component's largest-magnitude entry is positive."""
+    n, d = x.shape
+    mean = x.double().mean(0)
+    cov = torch.zeros(d, d, dtype=torch.float64, device=x.device)
+    for s in range(0, n, _CHUNK):
+        c = x[s:s + _CHUNK].double() - mean
+        cov += c.T @ c
+    cov /= max(n - 1, 1)
+    _, vecs = torch.linalg.eigh(cov)
+    comps = vecs[:, -dim:].flip(1).T  # [dim, D], largest variance first
+    idx = comps.abs().argmax(dim=1, keepdim=True)
+    comps = comps * torch.sign(comps.gather(1, idx))
+    return mean.float(), comps.float().contiguous()
+
+
+@torch.no_grad()
+def pca_apply(x: torch.Tensor, mean: torch.Tensor, comps: torch.Tensor) -> torch.Tensor:
+    return F.normalize((x - mean) @ comps.T, dim=1)
+
+
+def kmeans(x: np.ndarray, k: int, *, iters: int, seed: int, gpu: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """faiss k-means: (centroids [k, d], assignment [N], squared distance [N], final objective)."""
+    import faiss
+
+    km = faiss.Kmeans(x.shape[1], k, niter=iters, seed=seed, verbose=False, gpu=1 if gpu else False)
+    km.train(x)
+    dist, assign = km.index.search(x, 1)
+    obj = float(km.obj[-1]) if len(km.obj) else math.nan
+    return np.asarray(km.centroids), assign[:, 0].astype(np.int64), dist[:, 0].astype(np.float32), obj
+
+
+def faiss_gpu_available(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    try:
+        import faiss
+
+        return hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
+    except ImportError:  # pragma: no cover - faiss is a dependency
+        return False
+
+
+def nearest_per_cluster(assign: np.ndarray, dist: np.ndarray, clusters: np.ndarray, n: int) -> list[np.ndarray]:
+    """For each id in ``clusters``, the positions of its ``n`` members nearest the centroid."""
+    order = np.lexsort((dist, assign))  # by cluster, then by distance
+    sorted_assign = assign[order]
+    starts = np.searchsorted(sorted_assign, clusters, side="left")
+    ends = np.searchsorted(sorted_assign, clusters, side="right")
+    return [order[s:min(e, s + n)] for s, e in zip(starts, ends)]
+
+
+def write_contact_sheet(path: Path, index: FileIndex, assign: np.ndarray, dist: np.ndarray, k: int, rows: int, per_row: int,
+                        thumb: int = 64) -> list[dict]:
+    """``clusters.png``: the ``per_row`` images nearest each of the ``rows`` largest clusters' centroids."""
+    sizes = np.bincount(assign, minlength=k)
+    top = np.argsort(-sizes, kind="stable")[:rows]
+    top = top[sizes[top] > 0]
+    members = nearest_per_cluster(assign, dist, top, per_row)
+    labels = np.asarray(index.labels)
+    grid, names, described = [], [], []
+    for cid, pos in zip(top.tolist(), members):
+        images = []
+        for p in pos.tolist():
+            img = load_rgb(index.paths[p])
+            images.append(img if img is not None else Image.new("RGB", (thumb, thumb), (128, 128, 128)))
+        grid.append(images)
+        row = {"cluster": cid, "size": int(sizes[cid])}
+        name = f"#{cid} n={int(sizes[cid])}"
+        if index.has_labels:
+            cls = int(np.bincount(labels[assign == cid]).argmax())
+            row["majority_class"] = index.classes[cls] if cls < len(index.classes) else str(cls)
+            name += f": {row['majority_class'][:12]}"
+        names.append(name)
+        described.append(row)
+    if grid:
+        contact_sheet(grid, path, thumb=thumb, labels=names)
+    return described
+
+
+def _finite(v):
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def run_cluster(checkpoint: str, preset: Optional[str], overrides: list[str], *, out: Optional[str], force: bool,
+                k: Optional[int] = None, features: str = "backbone", pca: int = 0, iters: int = 20,
+                sheet_clusters: int = 10, sheet_images: int = 8, show_progress: bool = True) -> dict:
+    if features not in ("backbone", "embedding"):
+        raise UserError(f"--features must be backbone or embedding; got {features!r}")
+    if iters < 1 or sheet_clusters < 0 or sheet_images < 1:
+        raise UserError("--iters and --sheet-images must be positive and --sheet-clusters >= 0")
+    refuse_early("cluster", out, force)
+    backbone, head, info = load_backbone(checkpoint)
+    cfg = resolve_config("cluster", preset, overrides, info)
+    index = single_folder(cfg)
+    n = len(index)
+    if k is None:
+        if not index.has_labels:
+            raise UserError(f"{index.root} has no labels to guess the number of clusters from; pass --k N")
+        k = len(index.classes)
+    if not 1 <= k <= n:
+        raise UserError(f"--k {k} must be between 1 and the number of images ({n}); choose a smaller --k or more images")
+    device = select_device(cfg.device)
+    backbone = prepare_backbone(backbone, cfg, device)
+    fn = backbone
+    if features == "embedding":
+        fn = with_head(backbone, head.to(device) if head is not None else None, info, "--features embedding").eval()
+    dim_in = info["feature_dim"] if features == "backbone" else int(info.get("embed_dim") or 0)
+    if pca < 0 or (pca and pca >= dim_in):
+        raise UserError(f"--pca {pca} must be 0 (off) or below the feature dimension {dim_in}")
+    run_dir = open_run("cluster", cfg, out, force, {"source": info["source"], "arch": describe(info), "k": k,
+                                                     "features": features, "pca": pca, "iters": iters})
+    handler = attach_file_log(run_dir / "train.log")
+    try:
+        with Reporter(enabled=show_progress) as reporter:
+            (x,), _ = run_extract(fn, index, cfg, device, reporter, f"{features} features")
+            x = F.normalize(x, dim=1)
+            tensors: dict[str, torch.Tensor] = {}
+            if pca:
+                mean, comps = pca_fit(x, pca)
+                x = pca_apply(x, mean, comps)
+                tensors.update({"pca.mean": mean, "pca.components": comps})
+            gpu = faiss_gpu_available(device)
+            task = reporter.task(f"k-means k={k} ({'GPU' if gpu else 'CPU'})", total=None)
+            t0 = time.perf_counter()
+            centroids, assign, dist, obj = kmeans(x.cpu().numpy().astype(np.float32, copy=False), k, iters=iters,
+                                                  seed=cfg.seed, gpu=gpu)
+            reporter.finish(task)
+            reporter.print(f"k-means: k={k} on {n} x {x.shape[1]} features in {time.perf_counter() - t0:.1f}s")
+        assignments = run_dir / "assignments.csv"
+        with open(assignments, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["path", "cluster", "distance"])
+            w.writerows(zip(index.paths, assign.tolist(), np.round(dist.astype(np.float64), 6).tolist()))
+        tensors["centroids"] = torch.from_numpy(centroids)
+        centroid_path = run_dir / "centroids.safetensors"
+        atomic_save(tensors, centroid_path, {"format": "interclr-centroids", "k": str(k), "features": features,
+                                             "pca": str(pca), "normalized": "true", "source": info["source"],
+                                             "arch": info["arch"], "small_stem": str(info["small_stem"]).lower()})
+        sheet = run_dir / "clusters.png"
+        rows = write_contact_sheet(sheet, index, assign, dist, k, sheet_clusters, sheet_images) if sheet_clusters else []
+    finally:
+        detach_log(handler)
+    sizes = np.bincount(assign, minlength=k)
+    result: dict = {"k": k, "assignments": str(assignments), "centroids": str(centroid_path),
+                    "sheet": str(sheet) if rows else None, "num_images": n, "features": features, "pca": pca,
+                    "objective": _finite(obj), "empty_clusters": int((sizes == 0).sum()), "largest_cluster": int(sizes.max())}
+    if index.has_labels:
+        rep = cluster_report(np.asarray(index.labels), assign)
+        result.update({"nmi": rep["nmi"], "ari": rep["ari"], "ami": _finite(rep["ami"]), "purity": rep["purity"],
+                       "accuracy": rep["hungarian_accuracy"], "num_classes": rep["num_classes"]})
+    result.update({"sheet_rows": rows, "source": info["source"], "arch": describe(info), "run_dir": str(run_dir)})
+    MetricsLog(run_dir / "metrics.jsonl").write({"type": "cluster", **{key: result[key] for key in
+                                                 ("k", "nmi", "ari", "ami", "purity", "accuracy", "objective") if key in result}})
+    close_run(run_dir, result)
+    return result

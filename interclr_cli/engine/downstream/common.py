@@ -1,0 +1,166 @@
+"""What every downstream command shares: config resolution, run folders, splits, extraction."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ...config.loader import apply_overrides, config_from_mapping, load_preset_mapping, to_yaml, validate
+from ...config.schema import Config
+from ...data import eval_transform, index_source, resolve_eval_split
+from ...data.sources import FileIndex
+from ...errors import UserError
+from .. import dist
+from ..device import memory_format
+from ..features import extract
+from ..rundir import check_run_dir, default_run_dir, prepare_run_dir
+from .loading import describe
+
+log = logging.getLogger("interclr")
+
+# Images at most this size count as CIFAR-sized when choosing a default preset.
+SMALL_IMAGE = 64
+
+#: command -> (preset for small images, preset for large images), used when --preset is absent.
+DEFAULT_PRESETS = {
+    "linear-eval": ("linear-r18-cifar", "linear-r50-imagenet"),
+    "finetune": ("finetune-r18-cifar", "finetune-r50-imagenet-10pct"),
+    "knn": ("linear-r18-cifar", "linear-r50-imagenet"),
+    "cluster": ("linear-r18-cifar", "linear-r50-imagenet"),
+    "rankme": ("linear-r18-cifar", "linear-r50-imagenet"),
+    "export": ("linear-r18-cifar", "linear-r50-imagenet"),
+}
+
+
+def is_small(info: dict) -> bool:
+    """Small-image settings: a small stem, or a training image size of at most 64 px."""
+    size = info.get("image_size")
+    return bool(info["small_stem"]) or (size is not None and int(size) <= SMALL_IMAGE)
+
+
+def default_preset(command: str, info: dict) -> str:
+    small, large = DEFAULT_PRESETS[command]
+    return small if is_small(info) else large
+
+
+def resolve_config(command: str, preset: Optional[str], overrides: list[str], info: dict) -> Config:
+    """The preset (or the command's default for this checkpoint) with overrides applied.
+
+    The architecture comes from the checkpoint: ``model.arch``/``model.small_stem`` set by the
+    preset or an override must agree with it (the error names both).
+    """
+    name = preset or default_preset(command, info)
+    mapping = apply_overrides(load_preset_mapping(name), overrides)
+    cfg = config_from_mapping(mapping)
+    given = mapping.get("model") or {}
+    for key in ("arch", "small_stem"):
+        if key in given and getattr(cfg.model, key) != info[key]:
+            raise UserError(
+                f"the checkpoint {info['source']} is a {describe(info)} but the config sets model.{key}={getattr(cfg.model, key)} "
+                f"(from --preset {name} or an override); drop model.{key}: the architecture always comes from the checkpoint"
+            )
+    cfg.model.arch, cfg.model.small_stem = info["arch"], info["small_stem"]
+    if info.get("embed_dim"):
+        cfg.model.embed_dim = int(info["embed_dim"])
+    if info.get("head_hidden"):
+        cfg.model.head_hidden = int(info["head_hidden"])
+    if not cfg.name:
+        cfg.name = Path(name).stem
+    validate(cfg)
+    if not preset:
+        log.info("no --preset given: using %s (the default of %s for a %s%s)", name, command, describe(info),
+                 f" trained at {info['image_size']} px" if info.get("image_size") else "")
+    return cfg
+
+
+def single_process(command: str) -> None:
+    if dist.world_size() > 1:
+        raise UserError(f"{command} runs in a single process (one GPU or the CPU); start it without torchrun/srun")
+
+
+def refuse_early(command: str, out: Optional[str], force: bool) -> None:
+    """Before any work: one process only, and the refusal an existing ``--out`` would get."""
+    single_process(command)
+    if out:
+        check_run_dir(Path(out), force=force)
+
+
+def open_run(command: str, cfg: Config, out: Optional[str], force: bool, extra: Optional[dict] = None) -> Path:
+    """Create ``--out`` or ``runs/<command>-<timestamp>`` (pretrain's refusal and --force rules)
+    and write ``config.yaml`` (the run marker) and ``run.json`` (the command and its inputs)."""
+    single_process(command)
+    run_dir = Path(out) if out else default_run_dir(command)
+    prepare_run_dir(run_dir, resume=False, force=force)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    (run_dir / "run.json").write_text(json.dumps({"command": command, **(extra or {})}, indent=2, default=str) + "\n")
+    return run_dir
+
+
+def close_run(run_dir: Path, result: dict) -> None:
+    """Write ``result.json`` and drop the empty ``checkpoints/`` folder of non-training commands."""
+    (run_dir / "result.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    ck = run_dir / "checkpoints"
+    if ck.is_dir() and not any(ck.iterdir()):
+        ck.rmdir()
+
+
+def labelled_splits(cfg: Config) -> tuple[FileIndex, FileIndex]:
+    """The labelled train and val (or test) splits, with val labels mapped onto train's classes."""
+    train = resolve_eval_split(cfg.data, "train")
+    val = resolve_eval_split(cfg.data, "val")
+    if list(val.classes) != list(train.classes):
+        pos = {c: i for i, c in enumerate(train.classes)}
+        missing = [c for c in val.classes if c not in pos]
+        if missing:
+            raise UserError(
+                f"the validation split {val.root} has class {missing[0]!r}, which the training split {train.root} lacks; "
+                "both need the same class folders"
+            )
+        remap = np.array([pos[c] for c in val.classes], dtype=np.int64)
+        val = FileIndex(root=val.root, paths=val.paths, labels=remap[np.asarray(val.labels)], classes=list(train.classes), source=val.source)
+    return train, val
+
+
+def single_folder(cfg: Config) -> FileIndex:
+    """The images of ``data.root`` for cluster and rankme (``builtin:NAME`` means its train split;
+    a folder holding train/ and val|test/ means its train/)."""
+    root = cfg.data.root
+    if not root:
+        raise UserError("data.root is not set; pass data.root=PATH (an image folder, a file list or builtin:cifar10-mini)")
+    if root.startswith("builtin:") and "/" not in root:
+        root = root + "/train"
+    index = index_source(root, cfg.data.source)
+    if len(index) == 0:
+        raise UserError(f"no images found in {index.root}; check data.root")
+    return index
+
+
+def prepare_backbone(backbone: nn.Module, cfg: Config, device: torch.device) -> nn.Module:
+    backbone = backbone.to(device)
+    if cfg.train.channels_last:
+        backbone = backbone.to(memory_format=memory_format(True))
+    return backbone.eval()
+
+
+def run_extract(fns: Callable, index: FileIndex, cfg: Config, device: torch.device, reporter, description: str,
+                transform=None) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """:func:`~interclr_cli.engine.features.extract` with the config's batch size, workers and precision."""
+    return extract(fns, index, transform if transform is not None else eval_transform(cfg.data), device=device,
+                   batch_size=cfg.eval.feature_batch_size, num_workers=cfg.data.num_workers,
+                   precision=cfg.train.precision, channels_last=cfg.train.channels_last, reporter=reporter,
+                   description=description)
+
+
+def with_head(backbone: nn.Module, head: Optional[nn.Module], info: dict, what: str) -> nn.Module:
+    if head is None:
+        raise UserError(
+            f"{info['source']} has no projection head ({info['kind']} {describe(info)}), so {what} needs backbone features; "
+            "use a pretrain checkpoint for the embedding"
+        )
+    return nn.Sequential(backbone, head)

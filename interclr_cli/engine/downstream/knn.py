@@ -1,0 +1,63 @@
+"""`interclr knn`: weighted kNN classification of val features against train features.
+
+Wu et al., "Unsupervised Feature Learning via Non-Parametric Instance Discrimination", CVPR 2018:
+cosine similarity, the k nearest training images vote with weight exp(sim / T). The library
+(:func:`~interclr_cli.eval.knn.knn_top1`) works on chunks of val rows, so the full similarity
+matrix is never held; the chunk is sized here so that a chunk's block stays near 256 MB.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+from ...eval.knn import knn_top1
+from ..device import select_device
+from ..progress import Reporter
+from ..rundir import MetricsLog, attach_file_log, detach_log
+from .common import close_run, labelled_splits, open_run, prepare_backbone, refuse_early, resolve_config, run_extract
+from .loading import describe, load_backbone
+
+log = logging.getLogger("interclr")
+
+BLOCK_BYTES = 256 << 20
+
+
+def knn_chunk(num_train: int) -> int:
+    """Val rows per chunk so that a [chunk, num_train] float32 block is at most ~256 MB (1..1024)."""
+    return max(1, min(1024, BLOCK_BYTES // (4 * max(num_train, 1))))
+
+
+def run_knn(checkpoint: str, preset: Optional[str], overrides: list[str], *, out: Optional[str], force: bool,
+            show_progress: bool = True) -> dict:
+    refuse_early("knn", out, force)
+    backbone, _, info = load_backbone(checkpoint)
+    cfg = resolve_config("knn", preset, overrides, info)
+    train, val = labelled_splits(cfg)
+    ks = sorted(set(cfg.eval.knn_k))
+    device = select_device(cfg.device)
+    backbone = prepare_backbone(backbone, cfg, device)
+    run_dir = open_run("knn", cfg, out, force, {"source": info["source"], "arch": describe(info)})
+    handler = attach_file_log(run_dir / "train.log")
+    try:
+        with Reporter(enabled=show_progress) as reporter:
+            (tf,), tl = run_extract(backbone, train, cfg, device, reporter, "train features")
+            (vf,), vl = run_extract(backbone, val, cfg, device, reporter, "val features")
+        top1 = knn_top1(tf, tl.to(device), vf, vl, ks, temperature=cfg.eval.knn_temperature,
+                        num_classes=len(train.classes), chunk_size=knn_chunk(len(train)))
+    finally:
+        detach_log(handler)
+    result = {
+        "top1": {str(k): round(v, 4) for k, v in top1.items()},  # float32 accumulation noise removed
+        "k": ks,
+        "temperature": cfg.eval.knn_temperature,
+        "num_train": len(train),
+        "num_val": len(val),
+        "num_classes": len(train.classes),
+        "source": info["source"],
+        "arch": describe(info),
+        "run_dir": str(run_dir),
+    }
+    MetricsLog(run_dir / "metrics.jsonl").write({"type": "knn", **{f"top1_k{k}": v for k, v in top1.items()}})
+    close_run(run_dir, result)
+    return result
