@@ -229,7 +229,7 @@ def write_torchvision_export(
         )
     meta["meta"] = dict(extra_meta or {})
 
-    st_meta = {"format": "pt", "interclr_export": "1", "arch": arch, "small_stem": str(bool(small_stem)).lower()}
+    st_meta = {"format": "interclr-export", "interclr_export": "1", "arch": arch, "small_stem": str(bool(small_stem)).lower()}
     _atomic_write_bytes(out, safetensors_save(tensors, metadata=st_meta))
     json_path = out.with_suffix(".json")
     _atomic_write_bytes(json_path, (json.dumps(meta, indent=2, default=str) + "\n").encode("utf-8"))
