@@ -90,3 +90,16 @@ def _run_in_process(args: list[str]) -> subprocess.CompletedProcess:
         finally:
             logger.handlers = saved
     return subprocess.CompletedProcess(["interclr", *args], code, out.getvalue(), err.getvalue())
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread avoids OpenMP spin-waits on a shared 2-core machine.
+
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -10,13 +10,7 @@ from interclr_cli import clustering
 from interclr_cli.clustering import assign, faiss_available, faiss_gpu_available, kmeans
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spin-waits on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _blobs(centers=5, per=120, d=16, spread=0.03, seed=0):

@@ -13,13 +13,7 @@ from interclr_cli.methods import interclr as interclr_mod
 from interclr_cli.methods.interclr import effective_num_clusters, effective_pool_size
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spin-waits on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 N = 48
 TINY = [

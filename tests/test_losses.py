@@ -11,13 +11,7 @@ import torch.nn.functional as F
 from interclr_cli.losses import info_nce, margin_nce, margin_positive_logit
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spin-waits on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _hand_phi(c: float, m: float, kind: str) -> float:

@@ -9,13 +9,7 @@ import torch.nn.functional as F
 from interclr_cli.memory import MemoryBank, last_occurrence
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spin-waits on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _bank(n=20, d=8, dtype=torch.float32, seed=0):

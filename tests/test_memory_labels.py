@@ -11,13 +11,7 @@ import torch.nn.functional as F
 from interclr_cli.memory import MemoryBank, OnlineLabels, two_means
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spin-waits on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _blobs(centers: int, per: int, d: int = 8, spread: float = 0.05, seed: int = 0):

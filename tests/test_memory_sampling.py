@@ -16,13 +16,7 @@ from interclr_cli.memory import (
 from interclr_cli.memory.sampling import sampled_pool_cap
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spin-waits on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _chi2_ok(counts: torch.Tensor, p: float = 1e-4) -> bool:
