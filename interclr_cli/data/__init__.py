@@ -2,7 +2,7 @@
 
 from .builtin import BUILTIN_DATASETS, resolve_builtin
 from .datasets import ImageDataset, collate_skip, is_empty_batch, load_rgb
-from .loader import build_eval_loader, build_loader, eval_shard
+from .loader import build_eval_loader, build_loader, eval_shard, loader_from_config
 from .samplers import EpochBatchSampler, aug_seeds
 from .sources import IMAGE_EXTENSIONS, SOURCES, FileIndex, index_source, resolve_eval_split
 from .transforms import eval_transform, linear_train_transform, moco_v2_transform
@@ -24,6 +24,7 @@ __all__ = [
     "is_empty_batch",
     "linear_train_transform",
     "load_rgb",
+    "loader_from_config",
     "moco_v2_transform",
     "resolve_builtin",
     "resolve_eval_split",

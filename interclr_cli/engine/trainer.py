@@ -26,7 +26,7 @@ import yaml
 
 from ..config.loader import to_mapping, to_yaml
 from ..config.schema import Config
-from ..data import EpochBatchSampler, ImageDataset, build_loader, eval_transform, index_source, moco_v2_transform
+from ..data import EpochBatchSampler, ImageDataset, loader_from_config, eval_transform, index_source, moco_v2_transform
 from ..data.sources import FileIndex
 from ..errors import UserError, WorkError
 from ..methods import TrainContext, build_method
@@ -162,8 +162,7 @@ class Trainer:
         total_steps = steps_per_epoch * cfg.train.epochs
         if cfg.train.max_steps:
             total_steps = min(total_steps, cfg.train.max_steps)
-        loader = build_loader(dataset, sampler, num_workers=cfg.data.num_workers, pin_memory=cfg.data.pin_memory,
-                              persistent_workers=cfg.data.persistent_workers, prefetch_factor=cfg.data.prefetch_factor)
+        loader = loader_from_config(dataset, sampler, cfg.data)
 
         method = build_method(cfg, n).to(device)
         fmt = memory_format(cfg.train.channels_last)

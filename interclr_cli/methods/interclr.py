@@ -176,7 +176,13 @@ class InterCLR(MoCoV2):
         return dist.broadcast_(labels, 0)
 
     def _extract(self, ctx: TrainContext) -> torch.Tensor:
-        return F.normalize(ctx.extract(lambda x: F.normalize(self.encoder_q(x).float(), dim=1)).float(), dim=1)
+        """Normalised query embeddings [N, D] of every image, extracted in eval mode."""
+        was_training = self.training
+        self.eval()
+        try:
+            return F.normalize(ctx.extract(lambda x: F.normalize(self.encoder_q(x).float(), dim=1)).float(), dim=1)
+        finally:
+            self.train(was_training)
 
     @torch.no_grad()
     def initialize_from_features(self, feats: torch.Tensor, epoch: int = 0, log: Callable[[str], None] = print) -> None:
@@ -208,12 +214,7 @@ class InterCLR(MoCoV2):
                     f"for {self.num_samples} images (at most N / (2 x min_cluster_size))")
         if ctx.resumed:
             return  # bank, labels and centroids come back with the state_dict
-        was_training = self.training
-        self.eval()
-        try:
-            feats = self._extract(ctx)
-        finally:
-            self.train(was_training)
+        feats = self._extract(ctx)
         self.initialize_from_features(feats, 0, ctx.log)
 
     def on_epoch_start(self, epoch: int, ctx: TrainContext) -> None:
@@ -224,12 +225,7 @@ class InterCLR(MoCoV2):
             return
         if int(self.labels_epoch) == epoch:  # already done (resumed inside this epoch)
             return
-        was_training = self.training
-        self.eval()
-        try:
-            feats = self._extract(ctx)
-        finally:
-            self.train(was_training)
+        feats = self._extract(ctx)
         labels = self._cluster(feats, epoch, ctx.log)
         self.labels.init(labels, self.bank.features)
         self.labels_epoch.fill_(epoch)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from ...config.loader import apply_overrides, config_from_mapping, to_mapping, validate
 from ...config.schema import Config
-from ...data import EpochBatchSampler, ImageDataset, build_loader, linear_train_transform
+from ...data import EpochBatchSampler, ImageDataset, loader_from_config, linear_train_transform
 from ...data.sources import FileIndex
 from ...errors import UserError, WorkError
 from ...eval.subsets import stratified_subset, subset_from_list
@@ -176,8 +176,7 @@ def _fit(cfg: Config, run_dir: Path, device: torch.device, backbone: nn.Module, 
     optimizer = build_optimizer(cfg.optim, groups, scaled_lr(cfg.optim, cfg.train.batch_size))
     dataset = ImageDataset(train, linear_train_transform(cfg.data), views=1)
     sampler = EpochBatchSampler(len(train), cfg.train.batch_size, replacement=False, seed=cfg.seed, drop_last=True)
-    loader = build_loader(dataset, sampler, num_workers=cfg.data.num_workers, pin_memory=cfg.data.pin_memory,
-                          persistent_workers=cfg.data.persistent_workers, prefetch_factor=cfg.data.prefetch_factor)
+    loader = loader_from_config(dataset, sampler, cfg.data)
     spe = sampler.steps_per_epoch
     total = spe * cfg.train.epochs
     limit = min(total, cfg.train.max_steps) if cfg.train.max_steps else total

@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...config.schema import Config
-from ...data import EpochBatchSampler, ImageDataset, build_loader, linear_train_transform
+from ...data import EpochBatchSampler, ImageDataset, loader_from_config, linear_train_transform
 from ...data.sources import FileIndex
 from ...errors import UserError, WorkError
 from ...eval.linear import train_linear_on_features
@@ -75,8 +75,7 @@ def _train_augmented(backbone, train_index, val_x, val_y, num_classes, cfg: Conf
     optimizer = build_optimizer(cfg.optim, [{"params": list(fc.parameters())}], scaled_lr(cfg.optim, cfg.train.batch_size))
     dataset = ImageDataset(train_index, linear_train_transform(cfg.data), views=1)
     sampler = EpochBatchSampler(len(train_index), cfg.train.batch_size, replacement=False, seed=cfg.seed, drop_last=False)
-    loader = build_loader(dataset, sampler, num_workers=cfg.data.num_workers, pin_memory=cfg.data.pin_memory,
-                          persistent_workers=cfg.data.persistent_workers, prefetch_factor=cfg.data.prefetch_factor)
+    loader = loader_from_config(dataset, sampler, cfg.data)
     spe = sampler.steps_per_epoch
     total = spe * cfg.train.epochs
     limit = min(total, cfg.train.max_steps) if cfg.train.max_steps else total
