@@ -195,10 +195,7 @@ class DDPMethod:
         kw: dict = dict(find_unused_parameters=find_unused_parameters, gradient_as_bucket_view=True)
         if bucket_cap_mb is not None:
             kw["bucket_cap_mb"] = bucket_cap_mb
-        if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
-            kw["forward_sync_buffers"] = False  # BN buffers still synced once at start
-        else:  # pragma: no cover - torch < 2.13
-            kw["broadcast_buffers"] = False
+        kw.update(_no_forward_buffer_sync())
         if device.type == "cuda":
             kw["device_ids"] = [device.index if device.index is not None else torch.cuda.current_device()]
         self.ddp = DistributedDataParallel(step, **kw)
@@ -252,11 +249,28 @@ class GradAverager:
         sync_bn_buffers(self.method)
 
 
+def _no_forward_buffer_sync() -> dict:
+    """DDP keyword for "broadcast the buffers once at start, not before every forward"."""
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+        return {"forward_sync_buffers": False}  # BN buffers still synced once at start
+    return {"broadcast_buffers": False}  # pragma: no cover - torch < 2.13
+
+
 def ddp_module(model: nn.Module, device: torch.device, **kw) -> nn.Module:
     """``DistributedDataParallel(model)`` when running distributed, else ``model`` (for plain
-    supervised models, e.g. fine-tuning; ``model.module`` keeps the unprefixed state_dict names)."""
+    supervised models: the linear head of linear-eval, the network of finetune). Call the wrapper
+    for training steps and ``model`` itself for evaluation (``model.state_dict()`` keeps the
+    unprefixed names).
+
+    Parameters and buffers are broadcast from rank 0 once, here, and BatchNorm running statistics
+    are not broadcast before every forward (they only matter in eval mode): as in pretraining,
+    call :func:`sync_bn_buffers` on ``model`` before evaluating or saving it, which gives every
+    rank rank 0's statistics.
+    """
     if not dist.is_dist() or dist.world_size() == 1:
         return model
+    for k, v in _no_forward_buffer_sync().items():
+        kw.setdefault(k, v)
     if device.type == "cuda":
         kw.setdefault("device_ids", [device.index if device.index is not None else torch.cuda.current_device()])
     return DistributedDataParallel(model, **kw)

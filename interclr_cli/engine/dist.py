@@ -235,3 +235,29 @@ def main_first(fn: Callable[[bool], T]) -> T:
     if not is_main():
         result = fn(False)
     return result
+
+
+def main_only(fn: Callable[[], T]) -> T:
+    """``fn()`` on rank 0 only (e.g. k-means and file writes); every rank returns its result (a
+    small picklable), broadcast from rank 0. An error on rank 0 is raised on every rank (the same
+    class for :class:`~interclr_cli.errors.UserError` and ``WorkError``), so no rank waits for a
+    broadcast that never comes."""
+    if not is_dist():
+        return fn()
+    from ..errors import UserError, WorkError
+
+    if is_main():
+        try:
+            result = fn()
+        except Exception as e:
+            kind = "user" if isinstance(e, UserError) else "work" if isinstance(e, WorkError) else "internal"
+            broadcast_object(("error", kind, str(e) if kind != "internal" else f"{type(e).__name__}: {e}"))
+            raise
+        return broadcast_object(("ok", result))[1]
+    status, *rest = broadcast_object(None)
+    if status == "ok":
+        return rest[0]
+    kind, message = rest
+    if kind == "user":
+        raise UserError(message)
+    raise WorkError(message if kind == "work" else f"rank 0 failed: {message}")
