@@ -105,14 +105,14 @@ def _kmeans_faiss(
     clus.verbose = verbose
     clus.max_points_per_centroid = 10_000_000  # as the reference: use every point
     clus.min_points_per_centroid = 1  # tiny data sets are legitimate in tests and demos
+    index = faiss.IndexFlatL2(d)
     if gpu:
-        res = faiss.StandardGpuResources()
-        cfg = faiss.GpuIndexFlatConfig()
-        cfg.useFloat16 = False
-        cfg.device = 0
-        index = faiss.GpuIndexFlatL2(res, d, cfg)
-    else:
-        index = faiss.IndexFlatL2(d)
+        # every visible GPU: the k centroids replicated on each, each assignment pass's points
+        # split between them (IndexReplicas); float32 distances, as on the CPU
+        co = faiss.GpuMultipleClonerOptions()
+        co.useFloat16 = False
+        co.shard = False
+        index = faiss.index_cpu_to_all_gpus(index, co)
     clus.train(xn, index)
     cent = faiss.vector_to_array(clus.centroids).reshape(k, d)
     return torch.from_numpy(cent.copy())
@@ -138,7 +138,9 @@ def kmeans(
         k: number of clusters (1 <= k <= N).
         iters: Lloyd iterations (reference: 20).
         seed: initialisation seed (faiss ``Clustering.seed`` / torch generator).
-        use_gpu: use a faiss GPU index when faiss has GPU support and a GPU is present.
+        use_gpu: use faiss GPU indexes, on every visible GPU, when faiss has GPU support and a
+            GPU is present (in a distributed run k-means runs on rank 0 alone, which then uses
+            the other ranks' GPUs too).
         verbose: faiss progress output / per-iteration log lines for the torch fallback.
         spherical: renormalise centroids each iteration (spherical k-means).
         backend: ``auto`` (faiss if importable, else torch), ``faiss`` or ``torch``.
