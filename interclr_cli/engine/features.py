@@ -8,12 +8,12 @@ of an all-reduce over zero-padded [N, D] buffers).
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 
-from ..data import ImageDataset, build_eval_loader
+from ..data import ImageDataset, aug_seeds, build_eval_loader
 from ..data.loader import eval_shard
 from ..data.sources import FileIndex
 from . import dist
@@ -28,6 +28,20 @@ def rng_neutral_iter(loader):
     it = iter(loader)
     torch.set_rng_state(state)
     return it
+
+
+class _SeededItems(torch.utils.data.Dataset):
+    """``ds[i]`` as ``ds[(i, seed_i)]``, ``seed_i`` a hash of ``(seed, i)``: a random transform gives
+    image ``i`` the same augmentation whichever rank or DataLoader worker loads it."""
+
+    def __init__(self, ds: ImageDataset, seed: int):
+        self.ds, self.seed = ds, int(seed)
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int):
+        return self.ds[(int(i), int(aug_seeds(self.seed, 0, np.array([i]))[0]))]
 
 
 def subset_index(index: FileIndex, positions: Sequence[int] | np.ndarray) -> FileIndex:
@@ -48,11 +62,18 @@ def extract(
     channels_last: bool = False,
     reporter=None,
     description: str = "features",
+    aug_seed: Optional[int] = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Run ``fns`` over every image; returns (list of feature tensors [N, D_i] on ``device``,
     labels [N]). Corrupt images give zero rows (and are reported by the data layer).
+
+    ``aug_seed`` (for a random ``transform``, e.g. an augmented copy): image ``i`` is transformed
+    with a seed that is a function of ``(aug_seed, i)``, so the pass does not depend on the number
+    of ranks or workers; without it a random transform draws from the global RNG.
     """
     ds = ImageDataset(index, transform, views=1)
+    if aug_seed is not None:
+        ds = _SeededItems(ds, aug_seed)
     world, rank = dist.world_size(), dist.rank()
     loader = build_eval_loader(ds, batch_size, num_workers, rank=rank, world_size=world)
     n = len(index)
