@@ -33,10 +33,11 @@ from ...errors import UserError
 from ...eval.contact_sheet import contact_sheet
 from ...eval.metrics import cluster_report
 from ..checkpoint import atomic_save
-from ..device import select_device
+from .. import dist
 from ..progress import Reporter
 from ..rundir import MetricsLog, attach_file_log, detach_log
-from .common import close_run, open_run, prepare_backbone, refuse_early, resolve_config, run_extract, single_folder, with_head
+from .common import (close_run, open_run, prepare_backbone, rank_device, refuse_early, resolve_config, run_extract, single_folder,
+                     with_head)
 from .loading import describe, load_backbone
 
 log = logging.getLogger("interclr")
@@ -68,26 +69,32 @@ def pca_apply(x: torch.Tensor, mean: torch.Tensor, comps: torch.Tensor) -> torch
     return F.normalize((x - mean) @ comps.T, dim=1)
 
 
-def kmeans(x: np.ndarray, k: int, *, iters: int, seed: int, gpu: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-    """faiss k-means: (centroids [k, d], assignment [N], squared distance [N], final objective)."""
+def kmeans(x: np.ndarray, k: int, *, iters: int, seed: int, gpus: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """faiss k-means: (centroids [k, d], assignment [N], squared distance [N], final objective).
+
+    ``gpus > 0``: on the first ``gpus`` GPUs (faiss's ``Kmeans(gpu=n)`` replicates the flat
+    centroid index on each, ``index_cpu_to_all_gpus``, and splits every assignment pass's points
+    between them); 0: on the CPU."""
     import faiss
 
-    km = faiss.Kmeans(x.shape[1], k, niter=iters, seed=seed, verbose=False, gpu=1 if gpu else False)
+    km = faiss.Kmeans(x.shape[1], k, niter=iters, seed=seed, verbose=False, gpu=int(gpus) if gpus > 0 else False)
     km.train(x)
-    dist, assign = km.index.search(x, 1)
+    sqdist, assign = km.index.search(x, 1)
     obj = float(km.obj[-1]) if len(km.obj) else math.nan
-    return np.asarray(km.centroids), assign[:, 0].astype(np.int64), dist[:, 0].astype(np.float32), obj
+    return np.asarray(km.centroids), assign[:, 0].astype(np.int64), sqdist[:, 0].astype(np.float32), obj
 
 
-def faiss_gpu_available(device: torch.device) -> bool:
+def faiss_gpus(device: torch.device) -> int:
+    """How many GPUs faiss k-means uses: every GPU faiss sees when the command runs on CUDA and
+    faiss has GPU support (faiss-gpu), else 0 (the CPU)."""
     if device.type != "cuda":
-        return False
+        return 0
     try:
         import faiss
 
-        return hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
+        return int(faiss.get_num_gpus()) if hasattr(faiss, "get_num_gpus") else 0
     except ImportError:  # pragma: no cover - faiss is a dependency
-        return False
+        return 0
 
 
 def nearest_per_cluster(assign: np.ndarray, dist: np.ndarray, clusters: np.ndarray, n: int) -> list[np.ndarray]:
@@ -149,7 +156,7 @@ def run_cluster(checkpoint: str, preset: Optional[str], overrides: list[str], *,
         k = len(index.classes)
     if not 1 <= k <= n:
         raise UserError(f"--k {k} must be between 1 and the number of images ({n}); choose a smaller --k or more images")
-    device = select_device(cfg.device)
+    device = rank_device(cfg)
     backbone = prepare_backbone(backbone, cfg, device)
     fn = backbone
     if features == "embedding":
@@ -163,33 +170,48 @@ def run_cluster(checkpoint: str, preset: Optional[str], overrides: list[str], *,
     try:
         with Reporter(enabled=show_progress) as reporter:
             (x,), _ = run_extract(fn, index, cfg, device, reporter, f"{features} features")
-            x = F.normalize(x, dim=1)
-            tensors: dict[str, torch.Tensor] = {}
-            if pca:
-                mean, comps = pca_fit(x, pca)
-                x = pca_apply(x, mean, comps)
-                tensors.update({"pca.mean": mean, "pca.components": comps})
-            gpu = faiss_gpu_available(device)
-            task = reporter.task(f"k-means k={k} ({'GPU' if gpu else 'CPU'})", total=None)
-            t0 = time.perf_counter()
-            centroids, assign, dist, obj = kmeans(x.cpu().numpy().astype(np.float32, copy=False), k, iters=iters,
-                                                  seed=cfg.seed, gpu=gpu)
-            reporter.finish(task)
-            reporter.print(f"k-means: k={k} on {n} x {x.shape[1]} features in {time.perf_counter() - t0:.1f}s")
-        assignments = run_dir / "assignments.csv"
-        with open(assignments, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["path", "cluster", "distance"])
-            w.writerows(zip(index.paths, assign.tolist(), np.round(dist.astype(np.float64), 6).tolist()))
-        tensors["centroids"] = torch.from_numpy(centroids)
-        centroid_path = run_dir / "centroids.safetensors"
-        atomic_save(tensors, centroid_path, {"format": "interclr-centroids", "k": str(k), "features": features,
-                                             "pca": str(pca), "normalized": "true", "source": info["source"],
-                                             "arch": info["arch"], "small_stem": str(info["small_stem"]).lower()})
-        sheet = run_dir / "clusters.png"
-        rows = write_contact_sheet(sheet, index, assign, dist, k, sheet_clusters, sheet_images) if sheet_clusters else []
+            if not dist.is_main():  # rank 0 clusters alone: free this rank's copy while it waits
+                x = None
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            result = dist.main_only(lambda: _cluster_and_write(
+                x, index, k, cfg.seed, device, run_dir, reporter, info, features=features, pca=pca, iters=iters,
+                sheet_clusters=sheet_clusters, sheet_images=sheet_images))
     finally:
         detach_log(handler)
+    close_run(run_dir, result)
+    return result
+
+
+def _cluster_and_write(x: torch.Tensor, index: FileIndex, k: int, seed: int, device: torch.device, run_dir: Path, reporter,
+                       info: dict, *, features: str, pca: int, iters: int, sheet_clusters: int, sheet_images: int) -> dict:
+    """Normalise, PCA, k-means and every output file of ``cluster`` (rank 0's part); the result dict."""
+    n = len(index)
+    x = F.normalize(x, dim=1)
+    tensors: dict[str, torch.Tensor] = {}
+    if pca:
+        mean, comps = pca_fit(x, pca)
+        x = pca_apply(x, mean, comps)
+        tensors.update({"pca.mean": mean, "pca.components": comps})
+    ngpu = faiss_gpus(device)
+    task = reporter.task(f"k-means k={k} ({f'{ngpu} GPU' if ngpu else 'CPU'})", total=None)
+    t0 = time.perf_counter()
+    centroids, assign, sqdist, obj = kmeans(x.cpu().numpy().astype(np.float32, copy=False), k, iters=iters, seed=seed, gpus=ngpu)
+    reporter.finish(task)
+    reporter.print(f"k-means: k={k} on {n} x {x.shape[1]} features in {time.perf_counter() - t0:.1f}s"
+                   + (f" on {ngpu} GPU{'s' if ngpu > 1 else ''}" if ngpu else ""))
+    assignments = run_dir / "assignments.csv"
+    with open(assignments, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "cluster", "distance"])
+        w.writerows(zip(index.paths, assign.tolist(), np.round(sqdist.astype(np.float64), 6).tolist()))
+    tensors["centroids"] = torch.from_numpy(centroids)
+    centroid_path = run_dir / "centroids.safetensors"
+    atomic_save(tensors, centroid_path, {"format": "interclr-centroids", "k": str(k), "features": features,
+                                         "pca": str(pca), "normalized": "true", "source": info["source"],
+                                         "arch": info["arch"], "small_stem": str(info["small_stem"]).lower()})
+    sheet = run_dir / "clusters.png"
+    rows = write_contact_sheet(sheet, index, assign, sqdist, k, sheet_clusters, sheet_images) if sheet_clusters else []
     sizes = np.bincount(assign, minlength=k)
     result: dict = {"k": k, "assignments": str(assignments), "centroids": str(centroid_path),
                     "sheet": str(sheet) if rows else None, "num_images": n, "features": features, "pca": pca,
@@ -201,5 +223,4 @@ def run_cluster(checkpoint: str, preset: Optional[str], overrides: list[str], *,
     result.update({"sheet_rows": rows, "source": info["source"], "arch": describe(info), "run_dir": str(run_dir)})
     MetricsLog(run_dir / "metrics.jsonl").write({"type": "cluster", **{key: result[key] for key in
                                                  ("k", "nmi", "ari", "ami", "purity", "accuracy", "objective") if key in result}})
-    close_run(run_dir, result)
     return result

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import zlib
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -17,8 +18,9 @@ from ...data import eval_transform, index_source, resolve_eval_split
 from ...data.sources import FileIndex
 from ...errors import UserError
 from .. import dist
-from ..device import memory_format
+from ..device import memory_format, select_device
 from ..features import extract
+from ..optim import scaled_lr
 from ..rundir import check_run_dir, default_run_dir, prepare_run_dir
 from .loading import describe
 
@@ -79,35 +81,86 @@ def resolve_config(command: str, preset: Optional[str], overrides: list[str], in
     return cfg
 
 
+#: The commands that run on every process of a torchrun/srun launch (the others refuse one).
+DISTRIBUTED = frozenset({"linear-eval", "finetune", "knn", "cluster"})
+
+
 def single_process(command: str) -> None:
-    if dist.world_size() > 1:
+    if command not in DISTRIBUTED and dist.world_size() > 1:
         raise UserError(f"{command} runs in a single process (one GPU or the CPU); start it without torchrun/srun")
 
 
 def refuse_early(command: str, out: Optional[str], force: bool) -> None:
-    """Before any work: one process only, and the refusal an existing ``--out`` would get."""
+    """Before any work: one process unless the command is distributed, and the refusal an
+    existing ``--out`` would get."""
     single_process(command)
     if out:
         check_run_dir(Path(out), force=force)
 
 
+def rank_device(cfg: Config) -> torch.device:
+    """``device`` from the config; under a launcher with GPUs every rank uses its own GPU
+    (``LOCAL_RANK``, set up by :func:`~interclr_cli.engine.launch.init_distributed`), as in pretraining."""
+    device = select_device(cfg.device)
+    if dist.is_dist() and device.type == "cuda" and device.index not in (None, torch.cuda.current_device()):
+        log.warning(f"device={cfg.device} ignored under a distributed launch: rank {dist.rank()} uses its own GPU (LOCAL_RANK)")
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def global_lr(cfg: Config) -> tuple[int, float]:
+    """(global batch, base learning rate): ``train.batch_size`` is per process, and ``optim.lr``
+    is scaled with the global batch by :func:`~interclr_cli.engine.optim.scaled_lr` (the rule of
+    pretraining: ``lr x global_batch / optim.reference_batch``, unscaled when that is 0)."""
+    world = dist.world_size()
+    batch = cfg.train.batch_size * world
+    lr = scaled_lr(cfg.optim, batch)
+    if world > 1 or cfg.optim.reference_batch > 0:
+        log.info(f"global batch {batch} ({world} x {cfg.train.batch_size}); lr {lr:.4g}"
+                 + (f" = {cfg.optim.lr:g} x {batch}/{cfg.optim.reference_batch} (linear scaling rule)"
+                    if cfg.optim.reference_batch > 0 else " (optim.reference_batch=0: not scaled)"))
+    return batch, lr
+
+
+def epoch_totals(loss_sum: torch.Tensor, seen: int, skipped: int) -> tuple[float, int, int]:
+    """(mean training loss, images, skipped images) of an epoch over every rank's share (one all-reduce)."""
+    t = torch.stack([loss_sum.detach().double(), loss_sum.new_tensor(float(seen), dtype=torch.float64),
+                     loss_sum.new_tensor(float(skipped), dtype=torch.float64)])
+    total, seen_all, skipped_all = dist.all_reduce_sum(t).tolist()
+    return total / max(seen_all, 1), int(seen_all), int(skipped_all)
+
+
 def open_run(command: str, cfg: Config, out: Optional[str], force: bool, extra: Optional[dict] = None) -> Path:
     """Create ``--out`` or ``runs/<command>-<timestamp>`` (pretrain's refusal and --force rules)
-    and write ``config.yaml`` (the run marker) and ``run.json`` (the command and its inputs)."""
+    and write ``config.yaml`` (the run marker) and ``run.json`` (the command and its inputs).
+    Distributed: rank 0 names, creates and writes the folder; every rank returns its path."""
     single_process(command)
-    run_dir = Path(out) if out else default_run_dir(command)
+    run_dir = Path(dist.broadcast_object(str(Path(out) if out else default_run_dir(command))))
     prepare_run_dir(run_dir, resume=False, force=force)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    (run_dir / "run.json").write_text(json.dumps({"command": command, **(extra or {})}, indent=2, default=str) + "\n")
+    if dist.is_main():
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        (run_dir / "run.json").write_text(json.dumps({"command": command, **(extra or {})}, indent=2, default=str) + "\n")
     return run_dir
 
 
 def close_run(run_dir: Path, result: dict) -> None:
-    """Write ``result.json`` and drop the empty ``checkpoints/`` folder of non-training commands."""
-    (run_dir / "result.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    ck = run_dir / "checkpoints"
-    if ck.is_dir() and not any(ck.iterdir()):
-        ck.rmdir()
+    """Write ``result.json`` and drop the empty ``checkpoints/`` folder of non-training commands
+    (rank 0; the other ranks wait for it, so the folder is complete when any rank returns)."""
+    if dist.is_main():
+        (run_dir / "result.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+        ck = run_dir / "checkpoints"
+        if ck.is_dir() and not any(ck.iterdir()):
+            ck.rmdir()
+    dist.barrier()
+
+
+def same_files(index: FileIndex, what: str) -> FileIndex:
+    """Distributed: raise on every rank unless every rank lists the same files for ``what`` (the
+    sharded extraction and the sampler index into one list)."""
+    if dist.is_dist():
+        digest = zlib.crc32("\n".join(index.paths).encode("utf-8", "surrogateescape"))
+        dist.check_same((len(index), digest), f"the file list of {what} (count, crc32)")
+    return index
 
 
 def labelled_splits(cfg: Config) -> tuple[FileIndex, FileIndex]:
@@ -124,7 +177,7 @@ def labelled_splits(cfg: Config) -> tuple[FileIndex, FileIndex]:
             )
         remap = np.array([pos[c] for c in val.classes], dtype=np.int64)
         val = FileIndex(root=val.root, paths=val.paths, labels=remap[np.asarray(val.labels)], classes=list(train.classes), source=val.source)
-    return train, val
+    return same_files(train, "the training split"), same_files(val, "the validation split")
 
 
 def single_folder(cfg: Config) -> FileIndex:
@@ -138,7 +191,7 @@ def single_folder(cfg: Config) -> FileIndex:
     index = index_source(root, cfg.data.source)
     if len(index) == 0:
         raise UserError(f"no images found in {index.root}; check data.root")
-    return index
+    return same_files(index, "data.root")
 
 
 def prepare_backbone(backbone: nn.Module, cfg: Config, device: torch.device) -> nn.Module:
@@ -149,12 +202,13 @@ def prepare_backbone(backbone: nn.Module, cfg: Config, device: torch.device) -> 
 
 
 def run_extract(fns: Callable, index: FileIndex, cfg: Config, device: torch.device, reporter, description: str,
-                transform=None) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """:func:`~interclr_cli.engine.features.extract` with the config's batch size, workers and precision."""
+                transform=None, aug_seed: Optional[int] = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """:func:`~interclr_cli.engine.features.extract` with the config's batch size, workers and
+    precision: sharded across the ranks of a distributed run, every rank gets every row in order."""
     return extract(fns, index, transform if transform is not None else eval_transform(cfg.data), device=device,
                    batch_size=cfg.eval.feature_batch_size, num_workers=cfg.data.num_workers,
                    precision=cfg.train.precision, channels_last=cfg.train.channels_last, reporter=reporter,
-                   description=description)
+                   description=description, aug_seed=aug_seed)
 
 
 def with_head(backbone: nn.Module, head: Optional[nn.Module], info: dict, what: str) -> nn.Module:

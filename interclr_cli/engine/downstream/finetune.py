@@ -11,6 +11,13 @@ Checkpoints, resume and metrics work as in pretraining: a checkpoint (``kind=fin
 ``model.backbone.*`` and ``model.fc.*``) every ``train.ckpt_every`` epochs, and a killed run
 continues bit-identically with ``--resume`` (the sampler and the augmentations are functions of
 the seed, epoch and position; every other random state is in the checkpoint).
+
+Distributed (torchrun/srun): as pretraining. ``train.batch_size`` is per process, the learning
+rates follow the global batch (:func:`~interclr_cli.engine.downstream.common.global_lr`), every
+process trains on its slice of each global batch under DistributedDataParallel, ``model.sync_bn``
+synchronises the backbone's BatchNorm over the global batch (else BatchNorm is per process and
+the running statistics are rank 0's), validation is extracted sharded, rank 0 alone writes the
+run folder, and on ``--resume`` every process loads the same checkpoint (checked).
 """
 
 from __future__ import annotations
@@ -43,14 +50,16 @@ from ..checkpoint import (
     restore_rng,
     save_training_checkpoint,
 )
-from ..device import autocast, memory_format, select_device
+from .. import dist
+from ..ddp import convert_sync_bn, ddp_module, sync_bn_buffers
+from ..device import autocast, memory_format
 from ..features import subset_index
-from ..optim import build_optimizer, lr_factor, scaled_lr, set_lr
+from ..optim import build_optimizer, lr_factor, set_lr
 from ..pretrain import resolve_resume
 from ..progress import Reporter
 from ..rundir import MetricsLog, attach_file_log, detach_log, prepare_run_dir
 from ..trainer import load_run_config, seed_everything
-from .common import close_run, labelled_splits, open_run, refuse_early, resolve_config, run_extract, single_process
+from .common import close_run, epoch_totals, global_lr, labelled_splits, open_run, rank_device, refuse_early, resolve_config, run_extract
 from .linear import new_linear
 from .loading import describe, load_backbone
 
@@ -102,6 +111,9 @@ def read_subset_paths(path: Path) -> list[str]:
 
 
 def _evaluate(model: nn.Module, val: FileIndex, cfg: Config, device, reporter) -> dict:
+    """Validation loss and top-1/top-5 of ``model`` (not its DDP wrapper: the extraction is
+    sharded, so ranks may run different numbers of batches), with rank 0's BN statistics."""
+    sync_bn_buffers(model)
     was = model.training
     model.eval()
     try:
@@ -120,11 +132,11 @@ def run_finetune(checkpoint: Optional[str], preset: Optional[str], overrides: li
                  resume: Optional[str] = None, force: bool = False, show_progress: bool = True) -> dict:
     ck = None
     if resume is not None:
-        single_process("finetune")
         if force:
             raise UserError("--resume and --force contradict each other; use one")
         run_dir, ckpt_path = resolve_resume(resume, out)
         ck = TrainingCheckpoint(ckpt_path)
+        dist.check_same((ck.path.name, ck.step), "the checkpoint to resume from")
         if ck.kind != "finetune":
             raise UserError(f"{ck.path} is a {ck.kind} checkpoint; --resume continues a finetune run (give its folder or one of its checkpoints)")
         base = load_run_config(run_dir) if (run_dir / "config.yaml").is_file() else ck.config
@@ -147,11 +159,11 @@ def run_finetune(checkpoint: Optional[str], preset: Optional[str], overrides: li
     train_full, val = labelled_splits(cfg)
     positions, how = choose_subset(train_full, cfg)
     train = subset_index(train_full, positions)
-    world_batch = cfg.train.batch_size
+    world_batch = cfg.train.batch_size * dist.world_size()
     if len(train) < world_batch:
-        raise UserError(f"the labelled subset has {len(train)} images ({how}), fewer than one batch ({world_batch}); "
-                        "lower train.batch_size or use more labels")
-    device = select_device(cfg.device)
+        raise UserError(f"the labelled subset has {len(train)} images ({how}), fewer than one "
+                        f"{'global ' if dist.world_size() > 1 else ''}batch ({world_batch}); lower train.batch_size or use more labels")
+    device = rank_device(cfg)
     if ck is not None:
         saved = run_dir / SUBSET_FILE
         if saved.is_file() and read_subset_paths(saved) != list(train.paths):
@@ -159,7 +171,8 @@ def run_finetune(checkpoint: Optional[str], preset: Optional[str], overrides: li
         prepare_run_dir(run_dir, resume=True, force=False)
     else:
         run_dir = open_run("finetune", cfg, out, force, {"source": info["source"], "arch": describe(info), "subset": how})
-        write_subset(run_dir / SUBSET_FILE, train, how)
+        if dist.is_main():
+            write_subset(run_dir / SUBSET_FILE, train, how)
     return _fit(cfg, run_dir, device, backbone, info, train, val, how, ck, show_progress)
 
 
@@ -171,11 +184,16 @@ def _fit(cfg: Config, run_dir: Path, device: torch.device, backbone: nn.Module, 
     fmt = memory_format(cfg.train.channels_last)
     if cfg.train.channels_last:
         model = model.to(memory_format=fmt)
+    # model.sync_bn: the backbone's BatchNorm over the global batch (a no-op on one process)
+    model = convert_sync_bn(model, sync_bn=cfg.model.sync_bn, key_bn="none", device=device)
     groups = [{"params": list(model.backbone.parameters())},
               {"params": list(model.fc.parameters()), "lr_mult": cfg.optim.head_lr_mult}]
-    optimizer = build_optimizer(cfg.optim, groups, scaled_lr(cfg.optim, cfg.train.batch_size))
+    _, lr0 = global_lr(cfg)
+    optimizer = build_optimizer(cfg.optim, groups, lr0)
+    world = dist.world_size()
     dataset = ImageDataset(train, linear_train_transform(cfg.data), views=1)
-    sampler = EpochBatchSampler(len(train), cfg.train.batch_size, replacement=False, seed=cfg.seed, drop_last=True)
+    sampler = EpochBatchSampler(len(train), cfg.train.batch_size, replacement=False, seed=cfg.seed,
+                                rank=dist.rank(), world_size=world, drop_last=True)
     loader = loader_from_config(dataset, sampler, cfg.data)
     spe = sampler.steps_per_epoch
     total = spe * cfg.train.epochs
@@ -197,6 +215,7 @@ def _fit(cfg: Config, run_dir: Path, device: torch.device, backbone: nn.Module, 
             epoch, step_in_epoch = epoch + 1, 0
         last = dict(ck.info.get("metrics", {}))
         log.info("resumed from %s at epoch %d, step %d", ck.path, epoch, step)
+    net = ddp_module(model, device)  # training steps go through the wrapper; evaluation and saving use model
     metrics = MetricsLog(run_dir / "metrics.jsonl")
     reporter = Reporter(enabled=show_progress)
     last_ckpt = list_checkpoints(ckpt_dir)[-1] if ck is not None and list_checkpoints(ckpt_dir) else None
@@ -204,10 +223,13 @@ def _fit(cfg: Config, run_dir: Path, device: torch.device, backbone: nn.Module, 
 
     def save(ep: int, st: int, sie: int) -> Path:
         path = ckpt_dir / checkpoint_name(ep, st)
-        save_training_checkpoint(path, model_state=model.state_dict(), extra_state={}, optimizer=optimizer,
-                                 config=to_mapping(cfg), epoch=ep, step=st, step_in_epoch=sie, kind="finetune",
-                                 info={**ck_info, "metrics": last})
-        prune_checkpoints(ckpt_dir, cfg.train.keep_last)
+        sync_bn_buffers(model)  # rank 0's running statistics (a no-op on one process)
+        if dist.is_main():
+            save_training_checkpoint(path, model_state=model.state_dict(), extra_state={}, optimizer=optimizer,
+                                     config=to_mapping(cfg), epoch=ep, step=st, step_in_epoch=sie, kind="finetune",
+                                     info={**ck_info, "metrics": last})
+            prune_checkpoints(ckpt_dir, cfg.train.keep_last)
+        dist.barrier()
         return path
 
     done = step >= limit
@@ -235,7 +257,7 @@ def _fit(cfg: Config, run_dir: Path, device: torch.device, backbone: nn.Module, 
                     y = batch["label"].to(device, non_blocking=True)
                     lr = set_lr(optimizer, lr_factor(cfg.optim, step, spe, total))
                     with autocast(device, cfg.train.precision):
-                        logits = model(x)
+                        logits = net(x)
                     loss = F.cross_entropy(logits.float(), y)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
@@ -246,9 +268,9 @@ def _fit(cfg: Config, run_dir: Path, device: torch.device, backbone: nn.Module, 
                     step_in_epoch += 1
                     loss_sum += loss.detach() * bsz
                     seen += bsz
-                    ilog += bsz
+                    ilog += bsz * world
                     if step % cfg.train.log_every == 0 or step_in_epoch == spe or step >= limit:
-                        loss_v = loss.detach().item()  # the one sync per logging interval
+                        loss_v = dist.all_reduce_mean(loss.detach()).item()  # the one sync per logging interval
                         if not math.isfinite(loss_v):
                             raise WorkError(f"finetune loss became {loss_v} at step {step}; the last good checkpoint is kept"
                                             f"{' at ' + str(last_ckpt) if last_ckpt else ''}; lower optim.lr or set optim.grad_clip")
@@ -266,7 +288,7 @@ def _fit(cfg: Config, run_dir: Path, device: torch.device, backbone: nn.Module, 
                         break
                 reporter.finish(task)
                 elapsed = time.perf_counter() - t0
-                train_loss = (loss_sum / max(seen, 1)).item()
+                train_loss, seen, skipped = epoch_totals(loss_sum, seen, skipped)  # every rank's share
                 if not math.isfinite(train_loss):
                     raise WorkError(f"finetune loss became {train_loss} in epoch {epoch + 1}; lower optim.lr or set optim.grad_clip")
                 finished = step_in_epoch >= spe

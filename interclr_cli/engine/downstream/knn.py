@@ -4,6 +4,11 @@ Wu et al., "Unsupervised Feature Learning via Non-Parametric Instance Discrimina
 cosine similarity, the k nearest training images vote with weight exp(sim / T). The library
 (:func:`~interclr_cli.eval.knn.knn_top1`) works on chunks of val rows, so the full similarity
 matrix is never held; the chunk is sized here so that a chunk's block stays near 256 MB.
+
+Distributed (torchrun/srun): both feature sets are extracted sharded across the processes and
+gathered (:func:`~interclr_cli.engine.features.extract`), then each process classifies its own
+contiguous share of the val rows (the extraction's shards) against the whole train set and the
+predictions are gathered in val order: the result is that of one process.
 """
 
 from __future__ import annotations
@@ -11,11 +16,14 @@ from __future__ import annotations
 import logging
 from typing import Optional
 
-from ...eval.knn import knn_top1
-from ..device import select_device
+import torch
+
+from ...data.loader import eval_shard
+from ...eval.knn import knn_classify, knn_top1
+from .. import dist
 from ..progress import Reporter
 from ..rundir import MetricsLog, attach_file_log, detach_log
-from .common import close_run, labelled_splits, open_run, prepare_backbone, refuse_early, resolve_config, run_extract
+from .common import close_run, labelled_splits, open_run, prepare_backbone, rank_device, refuse_early, resolve_config, run_extract
 from .loading import describe, load_backbone
 
 log = logging.getLogger("interclr")
@@ -28,6 +36,21 @@ def knn_chunk(num_train: int) -> int:
     return max(1, min(1024, BLOCK_BYTES // (4 * max(num_train, 1))))
 
 
+def sharded_knn_top1(train_feats: torch.Tensor, train_labels: torch.Tensor, val_feats: torch.Tensor, val_labels: torch.Tensor,
+                     ks: list[int], **kw) -> dict[int, float]:
+    """:func:`~interclr_cli.eval.knn.knn_top1` with the val rows split across the ranks (each rank
+    holds both full feature sets); every rank returns the same accuracies."""
+    if dist.world_size() == 1:
+        return knn_top1(train_feats, train_labels, val_feats, val_labels, ks, **kw)
+    n = val_feats.shape[0]
+    if n == 0 or val_labels.shape[0] != n:  # the library's own one-line errors, on every rank
+        return knn_top1(train_feats, train_labels, val_feats, val_labels, ks, **kw)
+    shard = eval_shard(n, dist.rank(), dist.world_size())
+    mine = knn_classify(train_feats, train_labels, val_feats[shard.start:shard.stop], ks, **kw)
+    target = val_labels.cpu().long()
+    return {k: 100.0 * float((dist.all_gather_rows(p) == target).float().mean()) for k, p in mine.items()}
+
+
 def run_knn(checkpoint: str, preset: Optional[str], overrides: list[str], *, out: Optional[str], force: bool,
             show_progress: bool = True) -> dict:
     refuse_early("knn", out, force)
@@ -35,7 +58,7 @@ def run_knn(checkpoint: str, preset: Optional[str], overrides: list[str], *, out
     cfg = resolve_config("knn", preset, overrides, info)
     train, val = labelled_splits(cfg)
     ks = sorted(set(cfg.eval.knn_k))
-    device = select_device(cfg.device)
+    device = rank_device(cfg)
     backbone = prepare_backbone(backbone, cfg, device)
     run_dir = open_run("knn", cfg, out, force, {"source": info["source"], "arch": describe(info)})
     handler = attach_file_log(run_dir / "train.log")
@@ -43,8 +66,8 @@ def run_knn(checkpoint: str, preset: Optional[str], overrides: list[str], *, out
         with Reporter(enabled=show_progress) as reporter:
             (tf,), tl = run_extract(backbone, train, cfg, device, reporter, "train features")
             (vf,), vl = run_extract(backbone, val, cfg, device, reporter, "val features")
-        top1 = knn_top1(tf, tl.to(device), vf, vl, ks, temperature=cfg.eval.knn_temperature,
-                        num_classes=len(train.classes), chunk_size=knn_chunk(len(train)))
+        top1 = sharded_knn_top1(tf, tl.to(device), vf, vl, ks, temperature=cfg.eval.knn_temperature,
+                                num_classes=len(train.classes), chunk_size=knn_chunk(len(train)))
     finally:
         detach_log(handler)
     result = {

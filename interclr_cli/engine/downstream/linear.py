@@ -12,6 +12,15 @@ Two paths, the same protocol otherwise (He et al., "Momentum Contrast", CVPR 202
 
 Validation features never change (frozen backbone, deterministic transform), so both paths
 extract them once and score the layer on them after every epoch.
+
+Distributed (torchrun/srun): ``train.batch_size`` is per process and the learning rate follows the
+global batch (:func:`~interclr_cli.engine.downstream.common.global_lr`). Feature extraction is
+sharded across the processes and gathered in dataset order. The augmented path gives each process
+its slice of every global batch (:class:`~interclr_cli.data.EpochBatchSampler`) and averages the
+layer's gradients with DistributedDataParallel, so the layer ends as after one process on the same
+global batch (up to the order of float sums). The cached-features path trains the layer on the
+gathered features, on the global batch, identically on every process (an epoch is a few matrix
+products) and keeps rank 0's copy. Rank 0 alone writes files and shows progress.
 """
 
 from __future__ import annotations
@@ -30,12 +39,15 @@ from ...data import EpochBatchSampler, ImageDataset, loader_from_config, linear_
 from ...data.sources import FileIndex
 from ...errors import UserError, WorkError
 from ...eval.linear import train_linear_on_features
-from ..device import autocast, memory_format, select_device
-from ..optim import build_optimizer, lr_factor, scaled_lr, set_lr
+from .. import dist
+from ..ddp import ddp_module
+from ..device import autocast, memory_format
+from ..optim import build_optimizer, lr_factor, set_lr
 from ..progress import Reporter
 from ..rundir import MetricsLog, attach_file_log, detach_log
 from ..trainer import seed_everything
-from .common import close_run, labelled_splits, open_run, prepare_backbone, refuse_early, resolve_config, run_extract
+from .common import (close_run, epoch_totals, global_lr, labelled_splits, open_run, prepare_backbone, rank_device, refuse_early, resolve_config,
+                     run_extract)
 from .loading import backbone_fingerprint, describe, load_backbone, save_classifier
 
 log = logging.getLogger("interclr")
@@ -72,9 +84,13 @@ def score(fc: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = 4096) ->
 
 def _train_augmented(backbone, train_index, val_x, val_y, num_classes, cfg: Config, device, reporter, metrics) -> tuple[nn.Linear, list[dict]]:
     fc = new_linear(val_x.shape[1], num_classes, cfg.seed).to(device)
-    optimizer = build_optimizer(cfg.optim, [{"params": list(fc.parameters())}], scaled_lr(cfg.optim, cfg.train.batch_size))
+    _, lr0 = global_lr(cfg)
+    optimizer = build_optimizer(cfg.optim, [{"params": list(fc.parameters())}], lr0)
+    head = ddp_module(fc, device)  # training steps go through the wrapper, scoring through fc
+    world = dist.world_size()
     dataset = ImageDataset(train_index, linear_train_transform(cfg.data), views=1)
-    sampler = EpochBatchSampler(len(train_index), cfg.train.batch_size, replacement=False, seed=cfg.seed, drop_last=False)
+    sampler = EpochBatchSampler(len(train_index), cfg.train.batch_size, replacement=False, seed=cfg.seed,
+                                rank=dist.rank(), world_size=world, drop_last=False)
     loader = loader_from_config(dataset, sampler, cfg.data)
     spe = sampler.steps_per_epoch
     total = spe * cfg.train.epochs
@@ -103,16 +119,16 @@ def _train_augmented(backbone, train_index, val_x, val_y, num_classes, cfg: Conf
             lr = set_lr(optimizer, lr_factor(cfg.optim, step, spe, total))
             with torch.no_grad(), autocast(device, cfg.train.precision):
                 feats = backbone(x)
-            loss = F.cross_entropy(fc(feats.float()), y)
+            loss = F.cross_entropy(head(feats.float()), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             step += 1
             loss_sum += loss.detach() * bsz
             seen += bsz
-            ilog += bsz
+            ilog += bsz * world
             if step % cfg.train.log_every == 0:
-                loss_v = loss.detach().item()  # the one sync per logging interval
+                loss_v = dist.all_reduce_mean(loss.detach()).item()  # the one sync per logging interval
                 if not math.isfinite(loss_v):
                     raise WorkError(f"linear-eval diverged: the loss is {loss_v} at step {step}; lower optim.lr")
                 now = time.perf_counter()
@@ -124,7 +140,7 @@ def _train_augmented(backbone, train_index, val_x, val_y, num_classes, cfg: Conf
             if step >= limit:
                 break
         reporter.finish(task)
-        train_loss = (loss_sum / max(seen, 1)).item()
+        train_loss, seen, skipped = epoch_totals(loss_sum, seen, skipped)  # every rank's share
         if not math.isfinite(train_loss):
             raise WorkError(f"linear-eval diverged: the training loss is {train_loss} in epoch {epoch + 1}; lower optim.lr")
         elapsed = time.perf_counter() - t0
@@ -141,14 +157,14 @@ def _train_cached(backbone, train_index, val_x, val_y, num_classes, cfg: Config,
     (tx,), ty = run_extract(backbone, train_index, cfg, device, reporter, "train features")
     xs, ys = [tx], [ty]
     for c in range(1, cfg.eval.cached_aug_copies + 1):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed * 1000 + c)  # copy c is a function of (seed, c)
-            (ax,), ay = run_extract(backbone, train_index, cfg, device, reporter, f"augmented copy {c}",
-                                    transform=linear_train_transform(cfg.data))
+        # copy c is a function of (seed, c, image), whichever rank or worker loads the image
+        (ax,), ay = run_extract(backbone, train_index, cfg, device, reporter, f"augmented copy {c}",
+                                transform=linear_train_transform(cfg.data), aug_seed=cfg.seed * 1000 + c)
         xs.append(ax)
         ys.append(ay)
     train_x = torch.cat(xs)
     train_y = torch.cat(ys).to(device)
+    batch, lr = global_lr(cfg)  # every rank holds every feature: each trains on the global batch
     o = cfg.optim
     schedule = o.schedule if o.schedule in ("step", "cosine") else "step"
     milestones = o.milestones if o.schedule == "step" else []
@@ -159,11 +175,13 @@ def _train_cached(backbone, train_index, val_x, val_y, num_classes, cfg: Config,
         metrics.write({"type": "epoch", **entry})
         reporter.update(task, advance=1, info=f"loss {entry['train_loss']:.4f} top-1 {entry['top1']:.2f}")
 
-    fc, res = train_linear_on_features(train_x, train_y, val_x, val_y, num_classes, epochs=epochs, lr=o.lr,
-                                       momentum=o.momentum, weight_decay=o.weight_decay, batch_size=cfg.train.batch_size,
+    fc, res = train_linear_on_features(train_x, train_y, val_x, val_y, num_classes, epochs=epochs, lr=lr,
+                                       momentum=o.momentum, weight_decay=o.weight_decay, batch_size=batch,
                                        milestones=milestones, gamma=o.gamma, schedule=schedule, seed=cfg.seed,
                                        device=device, progress_cb=progress)
     reporter.finish(task)
+    for t in (fc.weight, fc.bias):  # rank 0's layer (GPU kernels need not be bit-reproducible)
+        dist.broadcast_(t.data, 0)
     return fc.eval(), res["history"]
 
 
@@ -206,7 +224,7 @@ def run_linear_eval(checkpoint: str, preset: Optional[str], overrides: list[str]
     cfg = resolve_config("linear-eval", preset, overrides, info)
     cfg.eval.protocol = "linear"
     train_index, val_index = labelled_splits(cfg)
-    device = select_device(cfg.device)
+    device = rank_device(cfg)
     backbone = prepare_backbone(backbone, cfg, device)
     fingerprint = backbone_fingerprint(backbone)
     run_dir = open_run("linear-eval", cfg, out, force, {"source": info["source"], "arch": describe(info)})
@@ -223,8 +241,9 @@ def run_linear_eval(checkpoint: str, preset: Optional[str], overrides: list[str]
         detach_log(handler)
     path = run_dir / "classifier.safetensors"
     summary_info = {k: res[k] for k in ("top1", "top5", "best_top1", "best_epoch", "mode")}
-    save_classifier(path, fc.weight.detach(), fc.bias.detach(), info=info, fingerprint=fingerprint,
-                    classes=list(train_index.classes), extra={"protocol": "linear", **summary_info})
+    if dist.is_main():
+        save_classifier(path, fc.weight.detach(), fc.bias.detach(), info=info, fingerprint=fingerprint,
+                        classes=list(train_index.classes), extra={"protocol": "linear", **summary_info})
     result = {  # accuracies rounded to 4 decimals: float32 accumulation noise is not information
         "top1": round(res["top1"], 4),
         "top5": round(res["top5"], 4),
