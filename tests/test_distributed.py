@@ -15,7 +15,11 @@ What is checked:
   resumed (through a SLURM-style launch) it ends bit-identical to the uninterrupted 2-rank run;
 * InterCLR: after N steps the memory bank, labels, counts and centroids are bit-identical on both
   ranks (cluster splits included), and a 2-rank run stopped mid-epoch and resumed ends
-  bit-identical to the uninterrupted 2-rank run.
+  bit-identical to the uninterrupted 2-rank run;
+* downstream commands on 2 ranks against one process on the same global batch: knn and cluster
+  give the same numbers and assignments, linear-eval (both paths) the same layer, at the learning
+  rate of the global batch; finetune with synchronised BatchNorm, stopped and resumed, the same
+  network up to float noise; rank 1 writes nothing; rankme and export still refuse a launch.
 
 All the spawned work shares one pair of processes (a module fixture): start-up is the main cost.
 """
@@ -23,6 +27,7 @@ All the spawned work shares one pair of processes (a module fixture): start-up i
 from __future__ import annotations
 
 import copy
+import csv
 import json
 import os
 import signal
@@ -231,6 +236,27 @@ def _collectives_worker(images: str):
     res["extract"] = _extract_means(images)
     res["images"] = images
 
+    # rank 0 alone runs a function; its result, or its error, reaches every rank
+    from interclr_cli.engine.downstream.common import single_process
+    from interclr_cli.errors import UserError, WorkError
+
+    res["main_only"] = dist.main_only(lambda: {"ran_on": dist.rank()})
+    for exc in (UserError("bad --k"), ValueError("oops")):
+        def boom(exc=exc):
+            raise exc
+        try:
+            dist.main_only(boom)
+        except (UserError, WorkError, ValueError) as e:
+            res[f"main_only_{type(exc).__name__}"] = (type(e).__name__, str(e))
+    refused = {}
+    for command in ("knn", "cluster", "linear-eval", "finetune", "rankme", "export"):
+        try:
+            single_process(command)
+            refused[command] = False
+        except UserError:
+            refused[command] = True
+    res["refused"] = refused
+
     # the reference grads of the gather tests, computed without any collective
     lin.zero_grad()
     _contrastive(lin(data)).backward()
@@ -245,6 +271,12 @@ def _collectives_worker(images: str):
 def test_collectives_gradients_shuffle_bn_sync_bn_and_sharded_extraction(ranks):
     r0, r1 = (r["collectives"] for r in ranks)
     ref = _extract_means(r0["images"])
+    for r in (r0, r1):
+        assert r["main_only"] == {"ran_on": 0}
+        assert r["refused"] == {"knn": False, "cluster": False, "linear-eval": False, "finetune": False, "rankme": True, "export": True}
+    assert r0["main_only_UserError"] == r1["main_only_UserError"] == ("UserError", "bad --k")
+    assert r0["main_only_ValueError"] == ("ValueError", "oops")  # rank 0 raises its own error
+    assert r1["main_only_ValueError"] == ("WorkError", "rank 0 failed: ValueError: oops")  # the others a WorkError
     for r in (r0, r1):
         assert r["replicas"] == ["mine"]
         assert all(torch.equal(g, e) for g, e in zip(r["extract"], ref)), "sharded extraction differs"
@@ -365,13 +397,12 @@ def _pretrain_overrides(data: Path, monitors: bool) -> list[str]:
     return ov
 
 
-def _pretrain_worker(out: str, overrides: list[str], watch: str):
-    """run_pretrain on every rank; rank 1 records every file it creates or changes under ``watch``."""
-    from interclr_cli.engine.pretrain import run_pretrain
-
-    events: list = []
+def _record_writes(watch: str) -> list:
+    """On ranks other than 0: a list that collects every file created or changed under ``watch``
+    or as one of interclr's temporary files (audit hooks stay for the life of the process)."""
     import tempfile
 
+    events: list = []
     watched = (watch, os.path.join(tempfile.gettempdir(), "interclr-"))  # the run folder, interclr's temp files
     if dist.rank() != 0:
         def hook(name, args):
@@ -385,6 +416,14 @@ def _pretrain_worker(out: str, overrides: list[str], watch: str):
                 if str(os.fsdecode(args[0])).startswith(watched):
                     events.append((name, os.fsdecode(args[0])))
         sys.addaudithook(hook)
+    return events
+
+
+def _pretrain_worker(out: str, overrides: list[str], watch: str):
+    """run_pretrain on every rank; rank 1 records every file it creates or changes under ``watch``."""
+    from interclr_cli.engine.pretrain import run_pretrain
+
+    events = _record_writes(watch)
     summary = run_pretrain("mocov2-r18-cifar", overrides, out=out, resume=None, force=False, show_progress=False)
     return {"summary": summary, "events": list(events)}
 
@@ -395,10 +434,12 @@ def _tensors(path: Path) -> dict:
     return {k: v for k, v in load_file(str(path)).items() if k.startswith(("model.", "optim.", "method."))}
 
 
-def _all_worker(images: str, data: str, ref_dir: str, watch: str, interclr_root: str, interclr_data: str) -> dict:
+def _all_worker(images: str, data: str, ref_dir: str, watch: str, interclr_root: str, interclr_data: str, down_data: str,
+                down_out: str) -> dict:
     """Everything that runs in the one pair of spawned ranks (process start-up is the main cost)."""
     out = {"collectives": _collectives_worker(images), "moco": _moco_worker(),
-           "pretrain": _pretrain_worker(ref_dir, _pretrain_overrides(Path(data), True), watch)}
+           "pretrain": _pretrain_worker(ref_dir, _pretrain_overrides(Path(data), True), watch),
+           "downstream": _downstream_worker(down_data, down_out)}
     try:
         import interclr_cli.methods.interclr  # noqa: F401  (being written in parallel)
     except ImportError:
@@ -415,8 +456,9 @@ def ranks(tmp_path_factory) -> list:
     (images / sorted(os.listdir(images))[-1] / "0002.jpg").unlink()  # 11 images: shards of 6 and 5
     data = make_tree(tmp / "e2e" / "data" / "train", 6)  # 24 images: 3 global batches of 8
     idata = make_tree(tmp / "interclr" / "data" / "train", 4)  # 16 images: 2 global batches of 8
+    down = _downstream_data(tmp / "down" / "data")
     return spawn(tmp, _all_worker, str(images), str(data), str(tmp / "e2e" / "ref"), str(tmp / "e2e"),
-                 str(tmp / "interclr"), str(idata))
+                 str(tmp / "interclr"), str(idata), str(down), str(tmp / "down" / "runs"))
 
 
 def test_only_rank0_writes_and_kill_resume_matches_uninterrupted(tmp_path, ranks):
@@ -544,3 +586,145 @@ def test_stopped_and_resumed_two_rank_run_matches_uninterrupted(interclr_runs):
     assert a.keys() == b.keys()
     diff = [k for k in a if not torch.equal(a[k], b[k])]
     assert not diff, diff[:5]
+
+
+# -- downstream commands: 2 ranks vs 1 process on the same global batch ----------------------------
+
+# lr 0.2 given for a global batch of 16: 0.1 for the global batch of 8 (1 x 8 or 2 x 4)
+DOWN = ["data.image_size=16", "data.eval_resize=16", "data.num_workers=0", "device=cpu", "eval.feature_batch_size=64",
+        "train.log_every=1", "optim.lr=0.2", "optim.reference_batch=16"]
+GLOBAL_BATCH = 8
+LINEAR = {"augmented": ["eval.cached_features=false"], "cached": ["eval.cached_features=true", "eval.cached_aug_copies=1"]}
+
+
+def _downstream_data(root: Path) -> Path:
+    """train/: 4 classes x 4 (2 global batches of 8); test/: 11 images (extraction shards of 6 and 5)."""
+    make_tree(root / "train", 4)
+    test = make_tree(root / "test", 3, split="test")
+    (test / sorted(os.listdir(test))[-1] / sorted(os.listdir(test / sorted(os.listdir(test))[-1]))[-1]).unlink()
+    return root
+
+
+def _downstream(data: str, out: str) -> dict:
+    """linear-eval (both paths), knn, cluster and finetune (synchronised BatchNorm) on a random
+    ResNet-18 with a global batch of 8; on 2 ranks the finetune run stops after its first epoch and
+    is resumed. Distributed when the process group is up."""
+    from interclr_cli.engine.downstream import run_cluster, run_finetune, run_knn, run_linear_eval
+
+    ov = [f"data.root={data}", *DOWN, f"train.batch_size={GLOBAL_BATCH // dist.world_size()}"]
+    kw = dict(force=False, show_progress=False)
+    res = {}
+    for name, extra in LINEAR.items():
+        res[f"linear_{name}"] = run_linear_eval("random:resnet18", "linear-r18-cifar", ov + ["train.epochs=2", *extra],
+                                                out=f"{out}/linear-{name}", **kw)
+    res["knn"] = run_knn("random:resnet18", "linear-r18-cifar", ov + ["eval.knn_k=[1,3,10]"], out=f"{out}/knn", **kw)
+    res["cluster"] = run_cluster("random:resnet18", "linear-r18-cifar", ov, out=f"{out}/cluster", k=4, pca=8, iters=10,
+                                 sheet_clusters=2, sheet_images=2, **kw)
+    # a small lr: 4 steps of a random network at 16 px (1 x 1 maps in layer3/4) amplify float noise
+    ft = ov + ["data.label_fraction=1.0", "model.sync_bn=true", "optim.lr=0.002", "train.keep_last=5"]
+    if dist.is_dist():
+        run_finetune("random:resnet18", "finetune-r18-cifar", ft + ["train.epochs=1"], out=f"{out}/finetune", **kw)
+        res["finetune"] = run_finetune(None, None, ["train.epochs=2"], out=f"{out}/finetune", resume="__latest__", **kw)
+    else:
+        res["finetune"] = run_finetune("random:resnet18", "finetune-r18-cifar", ft + ["train.epochs=2"], out=f"{out}/finetune", **kw)
+    return res
+
+
+def _downstream_worker(data: str, out: str) -> dict:
+    events = _record_writes(out)
+    return {"results": _downstream(data, out), "events": list(events), "data": data}
+
+
+def _records(run: dict, kind: str) -> list[dict]:
+    lines = (Path(run["run_dir"]) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["type"] == kind]
+
+
+@pytest.fixture(scope="module")
+def downstream(ranks, tmp_path_factory):
+    """(rank 0's, rank 1's, one process's) results; the one-process runs here, on one thread."""
+    r0, r1 = (r["downstream"] for r in ranks)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ref = _downstream(r0["data"], str(tmp_path_factory.mktemp("down-ref")))
+    finally:
+        torch.set_num_threads(before)
+    return r0, r1, ref
+
+
+def test_two_rank_downstream_writes_from_rank0_only(downstream):
+    r0, r1, _ = downstream
+    assert r1["events"] == [], r1["events"][:5]
+    runs = r0["results"]
+    for name in ("linear_augmented", "linear_cached", "knn", "cluster", "finetune"):
+        assert Path(runs[name]["run_dir"], "result.json").is_file(), name
+        assert runs[name]["run_dir"] == r1["results"][name]["run_dir"], name  # rank 0 named the folder
+    # one writer: every step and epoch is logged once (4 steps of the global batch over 2 epochs)
+    assert [r["step"] for r in _records(runs["linear_augmented"], "step")] == [1, 2, 3, 4]
+    assert [r["epoch"] for r in _records(runs["finetune"], "epoch")] == [1, 2]  # the second after --resume
+    assert len(_records(runs["knn"], "knn")) == 1 and len(_records(runs["cluster"], "cluster")) == 1
+
+
+def test_two_rank_knn_and_cluster_equal_one_process(downstream):
+    r0, r1, ref = downstream
+    assert r0["results"]["knn"]["top1"] == ref["knn"]["top1"] == r1["results"]["knn"]["top1"]
+    assert r0["results"]["knn"]["num_val"] == 11
+    got, want = r0["results"]["cluster"], ref["cluster"]
+    for key in ("nmi", "ari", "ami", "purity", "accuracy", "empty_clusters", "largest_cluster", "num_images"):
+        assert got[key] == want[key] == r1["results"]["cluster"][key], key
+    assert got["objective"] == pytest.approx(want["objective"], rel=1e-5)
+
+    def table(path):
+        with open(path) as f:
+            rows = list(csv.reader(f))[1:]
+        return [(Path(p).name, Path(p).parent.name, int(c)) for p, c, _ in rows], torch.tensor([float(d) for _, _, d in rows])
+
+    (a, da), (b, db) = table(got["assignments"]), table(want["assignments"])
+    assert a == b and len(a) == 16  # every image, in dataset order, in the same cluster
+    assert torch.allclose(da, db, atol=1e-5)
+    from safetensors.torch import load_file
+
+    ca, cb = load_file(got["centroids"]), load_file(want["centroids"])
+    assert ca.keys() == cb.keys() == {"centroids", "pca.mean", "pca.components"}
+    assert all(torch.allclose(ca[k], cb[k], atol=1e-5) for k in ca)
+
+
+def test_two_rank_linear_eval_ends_with_the_one_process_layer(downstream):
+    from safetensors.torch import load_file
+
+    from interclr_cli.engine.downstream.linear import new_linear
+
+    r0, _, ref = downstream
+    init = new_linear(512, 4, 0).weight
+    for name in LINEAR:
+        got, want = r0["results"][f"linear_{name}"], ref[f"linear_{name}"]
+        a, b = load_file(got["checkpoint"]), load_file(want["checkpoint"])
+        assert not torch.allclose(b["weight"], init, atol=1e-4), "the layer did not train"
+        for k in ("weight", "bias"):
+            assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7), (name, k, (a[k] - b[k]).abs().max())
+        # the learning rate of the global batch: 0.2 x 8 / 16, whatever the number of processes
+        assert [e["lr"] for e in _records(got, "epoch")] == [pytest.approx(0.1)] * 2, name
+        assert got["top1"] == pytest.approx(want["top1"]) and got["epochs"] == 2
+
+
+def test_two_rank_finetune_with_sync_bn_and_resume_matches_one_process(downstream):
+    from safetensors.torch import load_file
+
+    r0, r1, ref = downstream
+    got, want = r0["results"]["finetune"], ref["finetune"]
+    assert got["steps"] == want["steps"] == 4 and got["epochs"] == want["epochs"] == 2
+    assert Path(got["checkpoint"]).name == Path(want["checkpoint"]).name == r1["results"]["finetune"]["checkpoint"].rsplit("/", 1)[-1]
+    a, b = load_file(got["checkpoint"]), load_file(want["checkpoint"])
+    model = [k for k in b if k.startswith("model.")]
+    assert model and set(model) == {k for k in a if k.startswith("model.")}  # no module. prefix from DDP
+    # with synchronised BatchNorm (normalisation and running statistics over the global batch) the
+    # 2-rank run is the one-process run up to float noise; per-rank BatchNorm would be off by O(1)
+    worst = max(((a[k].double() - b[k].double()).abs().max() / b[k].double().abs().max().clamp(min=1e-6)).item()
+                for k in model if b[k].is_floating_point())
+    assert worst < 2e-4, worst
+    from interclr_cli.engine.downstream.linear import new_linear
+
+    moved = (b["model.fc.weight"] - new_linear(512, 4, 0).weight).abs().max().item()
+    assert (a["model.fc.weight"] - b["model.fc.weight"]).abs().max().item() < 1e-3 * moved  # it trained
+    assert Path(got["subset_file"]).is_file()
