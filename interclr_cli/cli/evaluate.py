@@ -106,6 +106,11 @@ Examples:
   interclr linear-eval ckpt.safetensors --preset linear-r18-cifar data.root=/data/cifar10 --cached-features
 
   interclr linear-eval random:resnet18 --preset linear-r18-cifar data.root=builtin:cifar10-mini --cached-features --json
+
+  torchrun --nproc-per-node 8 -m interclr_cli linear-eval ckpt.safetensors --preset linear-r50-imagenet data.root=/data/imagenet train.batch_size=32
+
+Under torchrun or srun, linear-eval, finetune, knn and cluster run on every process (train.batch_size is per
+process; README, Multi-GPU).
 """
 
 
