@@ -326,6 +326,34 @@ def test_corrupt_image_warns_once_and_is_skipped(tmp_path, caplog, monkeypatch):
     assert is_empty_batch(empty) and empty["skipped"] == 2 and empty["label"].shape == (0,)
 
 
+def test_substitute_replaces_unreadable_images_keeping_the_batch_full(tmp_path, monkeypatch):
+    """Distributed training: a batch keeps its size (ranks must step together); the unreadable
+    file is replaced by the next readable one in index order and still counted as skipped."""
+    monkeypatch.setattr(datasets_mod, "_warned", set())
+    root = make_imagefolder(tmp_path / "d", per_class=3)
+    idx = index_source(str(root))
+    n = len(idx)
+    bad = [n - 2, n - 1, 0]  # the last two and the first: the search wraps around to index 1
+    for j in bad:
+        Path(idx.paths[j]).write_bytes(b"not an image")
+    ds = ImageDataset(idx, moco_v2_transform(CFG32), substitute=True)
+    plain = ImageDataset(idx, moco_v2_transform(CFG32))
+    assert ds[(n - 2, 7)]["index"] == 1 and ds[(0, 7)]["index"] == 1
+    # the substitute's views are those of the readable image under the same augmentation seed
+    assert torch.equal(ds[(n - 1, 7)]["view1"], plain[(1, 7)]["view1"])
+    assert ds[(3, 7)]["index"] == 3 and "replaced" not in ds[(3, 7)]
+
+    batch = collate_skip([ds[(j, j)] for j in range(n)])
+    assert batch["view1"].shape[0] == n and batch["skipped"] == 3
+    assert batch["index"].tolist() == [1] + list(range(1, n - 2)) + [1, 1]
+    assert set(batch) == {"view1", "view2", "index", "label", "skipped"}
+    assert batch["label"].tolist() == [int(idx.labels[j]) for j in batch["index"].tolist()]
+
+    for j in range(n):  # nothing readable at all: None, as without substitution
+        Path(idx.paths[j]).write_bytes(b"not an image")
+    assert ds[(2, 1)] is None
+
+
 def test_augmentation_is_a_pure_function_of_index_and_seed(tmp_path):
     root = make_imagefolder(tmp_path / "d", per_class=2)
     cfg = DataConfig(image_size=32, blur_p=1.0, color_jitter_p=1.0)

@@ -435,7 +435,7 @@ def _tensors(path: Path) -> dict:
 
 
 def _all_worker(images: str, data: str, ref_dir: str, watch: str, interclr_root: str, interclr_data: str, down_data: str,
-                down_out: str) -> dict:
+                down_out: str, corrupt_data: str) -> dict:
     """Everything that runs in the one pair of spawned ranks (process start-up is the main cost)."""
     out = {"collectives": _collectives_worker(images), "moco": _moco_worker(),
            "pretrain": _pretrain_worker(ref_dir, _pretrain_overrides(Path(data), True), watch),
@@ -446,6 +446,7 @@ def _all_worker(images: str, data: str, ref_dir: str, watch: str, interclr_root:
         out["interclr"] = None
     else:
         out["interclr"] = _interclr_worker(interclr_root, _interclr_overrides(Path(interclr_data)))
+        out["corrupt"] = _corrupt_worker(interclr_root, corrupt_data)
     return out
 
 
@@ -457,8 +458,11 @@ def ranks(tmp_path_factory) -> list:
     data = make_tree(tmp / "e2e" / "data" / "train", 6)  # 24 images: 3 global batches of 8
     idata = make_tree(tmp / "interclr" / "data" / "train", 4)  # 16 images: 2 global batches of 8
     down = _downstream_data(tmp / "down" / "data")
+    cdata = make_tree(tmp / "corrupt" / "data" / "train", 4)  # 16 images, 2 of them unreadable
+    for c in sorted(os.listdir(cdata))[:2]:
+        (cdata / c / sorted(os.listdir(cdata / c))[0]).write_bytes(b"not an image")
     return spawn(tmp, _all_worker, str(images), str(data), str(tmp / "e2e" / "ref"), str(tmp / "e2e"),
-                 str(tmp / "interclr"), str(idata), str(down), str(tmp / "down" / "runs"))
+                 str(tmp / "interclr"), str(idata), str(down), str(tmp / "down" / "runs"), str(cdata))
 
 
 def test_only_rank0_writes_and_kill_resume_matches_uninterrupted(tmp_path, ranks):
@@ -550,6 +554,23 @@ def _interclr_worker(root: str, overrides: list[str]) -> dict:
     return out
 
 
+def _corrupt_worker(root: str, data: str) -> dict:
+    """InterCLR on 2 ranks over data with unreadable images: every rank must still step on a
+    full batch (the gathers of keys and indices need equal shapes), so they are replaced."""
+    from interclr_cli.engine import trainer
+    from interclr_cli.engine.pretrain import run_pretrain
+
+    built = []
+    build = trainer.build_method
+    trainer.build_method = lambda cfg, n: built.append(build(cfg, n)) or built[-1]
+    try:
+        summary = run_pretrain("r18-cifar", _interclr_overrides(Path(data)) + ["data.replacement=false"],
+                               out=f"{root}/corrupt", resume=None, force=False, show_progress=False)
+    finally:
+        trainer.build_method = build
+    return {"summary": summary, "state": _interclr_state(built[-1])}
+
+
 def _interclr_ckpt(path) -> dict:
     from safetensors.torch import load_file
 
@@ -574,6 +595,17 @@ def test_bank_labels_and_centroids_are_bit_identical_on_both_ranks(interclr_runs
     assert torch.equal(s["counts"], torch.bincount(s["labels"], minlength=2))
     assert int(s["counts"].min()) >= 4  # small clusters were dissolved and refilled identically
     assert torch.allclose(s["bank"].norm(dim=1), torch.ones(16), atol=1e-5)
+
+
+def test_unreadable_images_are_replaced_so_both_ranks_step_together(ranks):
+    if ranks[0]["interclr"] is None:
+        pytest.skip("interclr_cli.methods.interclr is not there yet")
+    runs = [r["corrupt"] for r in ranks]
+    for r in runs:  # 2 epochs without replacement: each unreadable file is drawn once per epoch
+        assert r["summary"]["steps"] == 4 and r["summary"]["skipped"] == 4
+    a, b = (r["state"] for r in runs)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
 
 
 def test_stopped_and_resumed_two_rank_run_matches_uninterrupted(interclr_runs):

@@ -43,9 +43,17 @@ class ImageDataset(Dataset):
     an index ``i`` (transforms use the current RNG) or ``(i, aug_seed)`` (deterministic). Items
     are ``{"view1", "view2", "index", "label"}`` for ``views=2``, ``{"image", "index", "label"}``
     for ``views=1``, or None when the file is unreadable (:func:`collate_skip` drops it).
+
+    ``substitute=True`` (distributed training, where every rank must run every step on a batch
+    of the same size): an unreadable image is replaced by the next readable one in index order
+    (wrapping around, at most ``MAX_SUBSTITUTE_TRIES`` files), and the item carries
+    ``replaced=1`` so that :func:`collate_skip` still counts the unreadable file as skipped.
     """
 
-    def __init__(self, index: FileIndex, transform: Union[Callable, Sequence[Callable]], views: int = 2):
+    MAX_SUBSTITUTE_TRIES = 1000
+
+    def __init__(self, index: FileIndex, transform: Union[Callable, Sequence[Callable]], views: int = 2,
+                 substitute: bool = False):
         if views not in (1, 2):
             raise ValueError(f"views must be 1 or 2, got {views}")
         if callable(transform):
@@ -55,6 +63,7 @@ class ImageDataset(Dataset):
             if len(self.transforms) != views:
                 raise ValueError(f"got {len(self.transforms)} transforms for {views} views")
         self.views = views
+        self.substitute = substitute
         self.root = index.root
         self.classes = list(index.classes)
         self.labels = np.asarray(index.labels, dtype=np.int64)
@@ -77,7 +86,11 @@ class ImageDataset(Dataset):
             i, aug_seed = int(key[0]), int(key[1])
         else:
             i, aug_seed = int(key), None
-        img = load_rgb(self.path(i))
+        img, replaced = load_rgb(self.path(i)), False
+        if img is None and self.substitute:
+            found = self._next_readable(i)
+            if found is not None:
+                (img, i), replaced = found, True
         if img is None:
             return None
         if aug_seed is None:
@@ -91,7 +104,19 @@ class ImageDataset(Dataset):
         item = {"view1": out[0], "view2": out[1]} if self.views == 2 else {"image": out[0]}
         item["index"] = i
         item["label"] = int(self.labels[i])
+        if replaced:
+            item["replaced"] = 1
         return item
+
+    def _next_readable(self, i: int) -> Optional[tuple[Image.Image, int]]:
+        """(image, index) of the first readable file after ``i`` in index order, or None."""
+        n = len(self)
+        for step in range(1, min(n, self.MAX_SUBSTITUTE_TRIES + 1)):
+            j = (i + step) % n
+            img = load_rgb(self.path(j))
+            if img is not None:
+                return img, j
+        return None
 
 
 def collate_skip(samples: list[Optional[dict]]) -> dict:
@@ -103,6 +128,9 @@ def collate_skip(samples: list[Optional[dict]]) -> dict:
     """
     kept = [s for s in samples if s is not None]
     skipped = len(samples) - len(kept)
+    # unreadable files replaced by another image (ImageDataset(substitute=True)) count as skipped
+    skipped += sum(1 for s in kept if "replaced" in s)
+    kept = [{k: v for k, v in s.items() if k != "replaced"} if "replaced" in s else s for s in kept]
     if not kept:
         empty = torch.zeros(0, dtype=torch.int64)
         return {"index": empty, "label": empty.clone(), "skipped": skipped}

@@ -155,7 +155,8 @@ class Trainer:
         world = dist.world_size()
         if n < cfg.train.batch_size * world:
             raise UserError(f"the data set has {n} images, fewer than one global batch ({cfg.train.batch_size * world}); lower train.batch_size")
-        dataset = ImageDataset(index, moco_v2_transform(cfg.data), views=2)
+        # several ranks: every rank must step on a full batch, so unreadable images are replaced
+        dataset = ImageDataset(index, moco_v2_transform(cfg.data), views=2, substitute=world > 1)
         sampler = EpochBatchSampler(n, cfg.train.batch_size, replacement=cfg.data.replacement, seed=cfg.seed,
                                     rank=dist.rank(), world_size=world)
         steps_per_epoch = sampler.steps_per_epoch

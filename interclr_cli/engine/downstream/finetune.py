@@ -191,7 +191,7 @@ def _fit(cfg: Config, run_dir: Path, device: torch.device, backbone: nn.Module, 
     _, lr0 = global_lr(cfg)
     optimizer = build_optimizer(cfg.optim, groups, lr0)
     world = dist.world_size()
-    dataset = ImageDataset(train, linear_train_transform(cfg.data), views=1)
+    dataset = ImageDataset(train, linear_train_transform(cfg.data), views=1, substitute=world > 1)  # no empty batch on one rank
     sampler = EpochBatchSampler(len(train), cfg.train.batch_size, replacement=False, seed=cfg.seed,
                                 rank=dist.rank(), world_size=world, drop_last=True)
     loader = loader_from_config(dataset, sampler, cfg.data)

@@ -88,7 +88,7 @@ def _train_augmented(backbone, train_index, val_x, val_y, num_classes, cfg: Conf
     optimizer = build_optimizer(cfg.optim, [{"params": list(fc.parameters())}], lr0)
     head = ddp_module(fc, device)  # training steps go through the wrapper, scoring through fc
     world = dist.world_size()
-    dataset = ImageDataset(train_index, linear_train_transform(cfg.data), views=1)
+    dataset = ImageDataset(train_index, linear_train_transform(cfg.data), views=1, substitute=world > 1)  # no empty batch on one rank
     sampler = EpochBatchSampler(len(train_index), cfg.train.batch_size, replacement=False, seed=cfg.seed,
                                 rank=dist.rank(), world_size=world, drop_last=False)
     loader = loader_from_config(dataset, sampler, cfg.data)
