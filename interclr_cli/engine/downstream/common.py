@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from ...config.loader import apply_overrides, config_from_mapping, load_preset_mapping, to_yaml, validate
 from ...config.schema import Config
-from ...data import eval_transform, index_source, resolve_eval_split
+from ...data import EpochBatchSampler, ImageDataset, eval_transform, index_source, linear_train_transform, loader_from_config, resolve_eval_split
 from ...data.sources import FileIndex
 from ...errors import UserError
 from .. import dist
@@ -120,6 +120,17 @@ def global_lr(cfg: Config) -> tuple[int, float]:
                  + (f" = {cfg.optim.lr:g} x {batch}/{cfg.optim.reference_batch} (linear scaling rule)"
                     if cfg.optim.reference_batch > 0 else " (optim.reference_batch=0: not scaled)"))
     return batch, lr
+
+
+def supervised_loader(index: FileIndex, cfg: Config, *, drop_last: bool):
+    """(loader, sampler) of labelled training images with the linear-eval/finetune augmentation,
+    each process on its slice of every global batch. Under a distributed launch an unreadable
+    image is replaced by the next readable one, so no process is left without a batch to step on."""
+    world = dist.world_size()
+    dataset = ImageDataset(index, linear_train_transform(cfg.data), views=1, substitute=world > 1)
+    sampler = EpochBatchSampler(len(index), cfg.train.batch_size, replacement=False, seed=cfg.seed,
+                                rank=dist.rank(), world_size=world, drop_last=drop_last)
+    return loader_from_config(dataset, sampler, cfg.data), sampler
 
 
 def epoch_totals(loss_sum: torch.Tensor, seen: int, skipped: int) -> tuple[float, int, int]:

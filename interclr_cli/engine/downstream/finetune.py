@@ -35,7 +35,6 @@ import torch.nn.functional as F
 
 from ...config.loader import apply_overrides, config_from_mapping, to_mapping, validate
 from ...config.schema import Config
-from ...data import EpochBatchSampler, ImageDataset, loader_from_config, linear_train_transform
 from ...data.sources import FileIndex
 from ...errors import UserError, WorkError
 from ...eval.subsets import stratified_subset, subset_from_list
@@ -59,7 +58,7 @@ from ..pretrain import resolve_resume
 from ..progress import Reporter
 from ..rundir import MetricsLog, attach_file_log, detach_log, prepare_run_dir
 from ..trainer import load_run_config, seed_everything
-from .common import close_run, epoch_totals, global_lr, labelled_splits, open_run, rank_device, refuse_early, resolve_config, run_extract
+from .common import close_run, epoch_totals, global_lr, labelled_splits, open_run, rank_device, refuse_early, resolve_config, run_extract, supervised_loader
 from .linear import new_linear
 from .loading import describe, load_backbone
 
@@ -191,10 +190,7 @@ def _fit(cfg: Config, run_dir: Path, device: torch.device, backbone: nn.Module, 
     _, lr0 = global_lr(cfg)
     optimizer = build_optimizer(cfg.optim, groups, lr0)
     world = dist.world_size()
-    dataset = ImageDataset(train, linear_train_transform(cfg.data), views=1, substitute=world > 1)  # no empty batch on one rank
-    sampler = EpochBatchSampler(len(train), cfg.train.batch_size, replacement=False, seed=cfg.seed,
-                                rank=dist.rank(), world_size=world, drop_last=True)
-    loader = loader_from_config(dataset, sampler, cfg.data)
+    loader, sampler = supervised_loader(train, cfg, drop_last=True)
     spe = sampler.steps_per_epoch
     total = spe * cfg.train.epochs
     limit = min(total, cfg.train.max_steps) if cfg.train.max_steps else total

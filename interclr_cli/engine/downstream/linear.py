@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...config.schema import Config
-from ...data import EpochBatchSampler, ImageDataset, loader_from_config, linear_train_transform
+from ...data import linear_train_transform
 from ...data.sources import FileIndex
 from ...errors import UserError, WorkError
 from ...eval.linear import train_linear_on_features
@@ -47,7 +47,7 @@ from ..progress import Reporter
 from ..rundir import MetricsLog, attach_file_log, detach_log
 from ..trainer import seed_everything
 from .common import (close_run, epoch_totals, global_lr, labelled_splits, open_run, prepare_backbone, rank_device, refuse_early, resolve_config,
-                     run_extract)
+                     run_extract, supervised_loader)
 from .loading import backbone_fingerprint, describe, load_backbone, save_classifier
 
 log = logging.getLogger("interclr")
@@ -88,10 +88,7 @@ def _train_augmented(backbone, train_index, val_x, val_y, num_classes, cfg: Conf
     optimizer = build_optimizer(cfg.optim, [{"params": list(fc.parameters())}], lr0)
     head = ddp_module(fc, device)  # training steps go through the wrapper, scoring through fc
     world = dist.world_size()
-    dataset = ImageDataset(train_index, linear_train_transform(cfg.data), views=1, substitute=world > 1)  # no empty batch on one rank
-    sampler = EpochBatchSampler(len(train_index), cfg.train.batch_size, replacement=False, seed=cfg.seed,
-                                rank=dist.rank(), world_size=world, drop_last=False)
-    loader = loader_from_config(dataset, sampler, cfg.data)
+    loader, sampler = supervised_loader(train_index, cfg, drop_last=False)
     spe = sampler.steps_per_epoch
     total = spe * cfg.train.epochs
     limit = min(total, cfg.train.max_steps) if cfg.train.max_steps else total
