@@ -40,13 +40,7 @@ SMALL = ["data.image_size=16", "data.eval_resize=16", "data.num_workers=0", "dev
 LIN = "linear-r18-cifar"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convolutions run faster on one thread, and much faster when other work shares the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,7 @@ from interclr_cli.errors import UserError, WorkError
 from interclr_cli.eval.linear import topk_accuracy, train_linear_on_features
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrix products are faster on one thread, and much faster when other work shares the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def separable(noise_seed=0, n_per_class=40, classes=6, d=16):

@@ -24,12 +24,7 @@ from conftest import TINY, assert_clean_error, run_cli
 SMALL = ["data.image_size=16", "data.eval_resize=16", "device=cpu"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
