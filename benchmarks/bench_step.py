@@ -46,9 +46,10 @@ def make_step(cfg, num_samples: int, batch: dict):
 
 
 def make_backbone_step(cfg, batch: dict):
-    from interclr_cli.models import build_backbone
+    from interclr_cli.models import build_backbone, use_point_output_convs
 
     net, _ = build_backbone(cfg.model.arch, cfg.model.small_stem)
+    use_point_output_convs(net)  # as the methods' encoders use it
     net.train()
     x = batch["view1"]
 
