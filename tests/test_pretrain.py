@@ -102,9 +102,10 @@ def test_sigkill_and_resume_equals_uninterrupted(tiny_data, tmp_path):
     assert not diff, diff[:5]
 
 
-def test_mid_epoch_checkpoint_resume(tiny_data, tmp_path):
+@pytest.mark.parametrize("augment_on", ["workers", "device"])
+def test_mid_epoch_checkpoint_resume(tiny_data, tmp_path, augment_on):
     common = dict(preset="mocov2-r18-cifar", force=False, show_progress=False)
-    ov = [f"data.root={tiny_data / 'train'}", "train.epochs=2", *TINY]
+    ov = [f"data.root={tiny_data / 'train'}", "train.epochs=2", f"data.augment_on={augment_on}", *TINY]
     ref = run_pretrain(overrides=ov, out=str(tmp_path / "ref"), resume=None, **common)
     part = run_pretrain(overrides=ov + ["train.max_steps=3"], out=str(tmp_path / "p"), resume=None, **common)
     assert part["steps"] == 3

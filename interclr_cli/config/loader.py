@@ -278,6 +278,7 @@ def load_config(preset: str | None, overrides: list[str] | None = None) -> Confi
 
 _CHOICES = {
     "data.source": ("auto", "imagefolder", "folder", "filelist"),
+    "data.augment_on": ("workers", "device"),
     "model.arch": ("resnet18", "resnet34", "resnet50"),
     "method.name": ("mocov2", "interclr"),
     "method.key_bn": ("none", "shuffle", "sync"),

@@ -31,6 +31,10 @@ class DataConfig:
     color_jitter_p: float = 0.8
     grayscale_p: float = 0.2
     blur_p: float = 0.5
+    # Where pretraining augments: "workers" (every step in the DataLoader workers, PIL) or
+    # "device" (workers crop and flip; colour, grayscale, blur and normalisation run batched on
+    # the training device: frees the CPU for a fast GPU, or for the model on a small CPU).
+    augment_on: str = "workers"
     # Draw training samples with replacement (the InterCLR reference sampler) or as a permutation.
     replacement: bool = False
     num_workers: int = 4

@@ -1,6 +1,7 @@
 """The data layer: index a data root, load and augment images, sample and batch them."""
 
 from .builtin import BUILTIN_DATASETS, resolve_builtin
+from .device_aug import AUGMENT_ON, DeviceAugment, crop_flip_transform
 from .datasets import ImageDataset, collate_skip, is_empty_batch, load_rgb
 from .loader import build_eval_loader, build_loader, eval_shard, loader_from_config
 from .samplers import EpochBatchSampler, aug_seeds
@@ -8,6 +9,9 @@ from .sources import IMAGE_EXTENSIONS, SOURCES, FileIndex, index_source, resolve
 from .transforms import eval_transform, linear_train_transform, moco_v2_transform
 
 __all__ = [
+    "AUGMENT_ON",
+    "DeviceAugment",
+    "crop_flip_transform",
     "BUILTIN_DATASETS",
     "IMAGE_EXTENSIONS",
     "SOURCES",

@@ -26,7 +26,8 @@ import yaml
 
 from ..config.loader import to_mapping, to_yaml
 from ..config.schema import Config
-from ..data import EpochBatchSampler, ImageDataset, loader_from_config, eval_transform, index_source, moco_v2_transform
+from ..data import (DeviceAugment, EpochBatchSampler, ImageDataset, crop_flip_transform, eval_transform, index_source,
+                    loader_from_config, moco_v2_transform)
 from ..data.sources import FileIndex
 from ..errors import UserError, WorkError
 from ..methods import TrainContext, build_method
@@ -156,7 +157,10 @@ class Trainer:
         if n < cfg.train.batch_size * world:
             raise UserError(f"the data set has {n} images, fewer than one global batch ({cfg.train.batch_size * world}); lower train.batch_size")
         # several ranks: every rank must step on a full batch, so unreadable images are replaced
-        dataset = ImageDataset(index, moco_v2_transform(cfg.data), views=2, substitute=world > 1)
+        # data.augment_on=device: the workers only crop and flip; the rest runs batched on the device
+        on_device = cfg.data.augment_on == "device"
+        transform = crop_flip_transform(cfg.data) if on_device else moco_v2_transform(cfg.data)
+        dataset = ImageDataset(index, transform, views=2, substitute=world > 1)
         sampler = EpochBatchSampler(n, cfg.train.batch_size, replacement=cfg.data.replacement, seed=cfg.seed,
                                     rank=dist.rank(), world_size=world)
         steps_per_epoch = sampler.steps_per_epoch
@@ -164,6 +168,7 @@ class Trainer:
         if cfg.train.max_steps:
             total_steps = min(total_steps, cfg.train.max_steps)
         loader = loader_from_config(dataset, sampler, cfg.data)
+        augment = DeviceAugment(cfg.data, device, cfg.seed) if on_device else None
 
         method = build_method(cfg, n).to(device)
         fmt = memory_format(cfg.train.channels_last)
@@ -258,7 +263,9 @@ class Trainer:
                             step_in_epoch += 1
                             continue
                         batch = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-                        for key in ("view1", "view2"):
+                        for v, key in enumerate(("view1", "view2")):
+                            if augment is not None:
+                                batch[key] = augment(batch[key], epoch=epoch, step_in_epoch=step_in_epoch, rank=dist.rank(), view=v)
                             batch[key] = batch[key].to(memory_format=fmt)
                         lr = set_lr(optimizer, lr_factor(cfg.optim, step, steps_per_epoch, steps_per_epoch * cfg.train.epochs))
                         with autocast(device, cfg.train.precision):
