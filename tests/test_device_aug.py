@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 import torchvision.transforms.functional as TF
 
 from interclr_cli.config.schema import DataConfig
 from interclr_cli.data import DeviceAugment, crop_flip_transform
 from interclr_cli.data import device_aug as D
+from interclr_cli.data.device_aug import crop_resize, draw_crops
 from interclr_cli.data.datasets import load_rgb
 from interclr_cli.data.transforms import moco_v2_transform
 
@@ -101,3 +104,71 @@ def test_worker_and_device_paths_give_the_same_statistics(tiny_data):
     # with both switched off on the device side)
     spread = lambda t: t.std(dim=1).mean()  # noqa: E731
     assert abs(spread(dev) - spread(pil)) < 0.015
+
+
+# -- data.in_memory: crops on the device, the image store ---------------------------------------
+
+
+def test_draw_crops_follow_torchvision_random_resized_crop():
+    from torchvision import transforms as T
+
+    g = torch.Generator().manual_seed(0)
+    boxes = draw_crops(20000, 32, 24, (0.2, 1.0), g, torch.device("cpu"))
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= 24).all() and (boxes[:, 3] <= 32).all() and (w >= 1).all()
+    assert torch.equal(boxes, boxes.round())  # integer pixels, as torchvision
+    torch.manual_seed(0)
+    tv = torch.tensor([T.RandomResizedCrop.get_params(torch.zeros(3, 32, 24), (0.2, 1.0), (3 / 4, 4 / 3)) for _ in range(20000)],
+                      dtype=torch.float)  # (top, left, h, w)
+    ours = {"area": (w * h).mean(), "log_ratio": (w / h).log().mean(), "left": boxes[:, 0].mean(), "top": boxes[:, 1].mean()}
+    theirs = {"area": (tv[:, 2] * tv[:, 3]).mean(), "log_ratio": (tv[:, 3] / tv[:, 2]).log().mean(), "left": tv[:, 1].mean(), "top": tv[:, 0].mean()}
+    for k in ours:
+        assert abs(float(ours[k] - theirs[k])) < 0.02 * max(1.0, abs(float(theirs[k]))) + 0.01, (k, ours[k], theirs[k])
+    # no attempt can fit (scale above the image's ratio range): torchvision's centred fallback
+    tall = draw_crops(4, 40, 10, (1.0, 1.0), g, torch.device("cpu"))
+    assert torch.equal(tall, torch.tensor([[0.0, 13.0, 10.0, 26.0]] * 4))  # w = 10, h = round(10 / (3/4)) = 13
+
+
+def test_crop_resize_is_identity_on_the_whole_image_and_close_to_torchvision(tiny_data):
+    x = torch.rand(3, 3, 16, 16)
+    full = torch.tensor([[0.0, 0.0, 16.0, 16.0]] * 3)
+    torch.testing.assert_close(crop_resize(x, full, 16), x, rtol=0, atol=1e-6)
+    paths = sorted(p for p in (tiny_data / "train").rglob("*") if p.is_file())[:8]
+    imgs = torch.stack([TF.pil_to_tensor(load_rgb(str(p))).float() / 255 for p in paths])
+    for x1, y1, x2, y2 in ((0, 0, 32, 32), (5, 3, 25, 30), (10, 10, 18, 16)):
+        got = crop_resize(imgs, torch.tensor([[x1, y1, x2, y2]] * len(imgs), dtype=torch.float), 16)
+        want = torch.stack([TF.resized_crop(im, y1, x1, y2 - y1, x2 - x1, [16, 16], antialias=True) for im in imgs])
+        assert (got - want).abs().mean() < 0.03
+
+
+def test_in_memory_store_substitutes_unreadable_images_and_checks_sizes(tmp_path):
+    from interclr_cli.data import FileIndex, ImageDataset, InMemoryImages
+    from interclr_cli.errors import UserError
+
+    paths = []
+    for i in range(5):
+        p = tmp_path / f"{i}.png"
+        Image.new("RGB", (6, 4), (i * 40, 0, 0)).save(p)
+        paths.append(str(p))
+    (tmp_path / "1.png").write_bytes(b"not an image")
+    (tmp_path / "4.png").write_bytes(b"")
+    index = FileIndex(root=tmp_path, paths=paths, labels=np.arange(5), classes=[str(i) for i in range(5)])
+    store = InMemoryImages(ImageDataset(index, lambda im: im), torch.device("cpu"))
+    assert store.images.shape == (5, 3, 4, 6) and store.images.dtype == torch.uint8
+    assert store.src.tolist() == [0, 2, 2, 3, 0]  # 1 -> next readable 2; 4 wraps around to 0
+    b = store.batch([(1, 7), (3, 9), (4, 1)])
+    assert b["index"].tolist() == [2, 3, 0] and b["label"].tolist() == [2, 3, 0] and b["skipped"] == 2
+    assert b["images"][:, 0, 0, 0].tolist() == [80, 120, 0]  # the red level of each served image
+    Image.new("RGB", (5, 5)).save(tmp_path / "3.png")
+    with pytest.raises(UserError, match="one size"):
+        InMemoryImages(ImageDataset(index, lambda im: im), torch.device("cpu"))
+
+
+def test_from_images_is_seeded_and_shaped():
+    cfg = DataConfig(image_size=8)
+    aug = DeviceAugment(cfg, torch.device("cpu"), seed=0)
+    imgs = torch.randint(0, 256, (6, 3, 12, 10), dtype=torch.uint8)
+    a = aug.from_images(imgs, epoch=0, step_in_epoch=3, view=1)
+    assert a.shape == (6, 3, 8, 8) and a.dtype == torch.float32
+    assert torch.equal(a, aug.from_images(imgs, epoch=0, step_in_epoch=3, view=1))
+    assert not torch.equal(a, aug.from_images(imgs, epoch=0, step_in_epoch=3, view=0))

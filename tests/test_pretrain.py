@@ -102,10 +102,11 @@ def test_sigkill_and_resume_equals_uninterrupted(tiny_data, tmp_path):
     assert not diff, diff[:5]
 
 
-@pytest.mark.parametrize("augment_on", ["workers", "device"])
-def test_mid_epoch_checkpoint_resume(tiny_data, tmp_path, augment_on):
+@pytest.mark.parametrize("augment", [["data.augment_on=workers"], ["data.augment_on=device"],
+                                     ["data.augment_on=device", "data.in_memory=true"]], ids=["workers", "device", "in_memory"])
+def test_mid_epoch_checkpoint_resume(tiny_data, tmp_path, augment):
     common = dict(preset="mocov2-r18-cifar", force=False, show_progress=False)
-    ov = [f"data.root={tiny_data / 'train'}", "train.epochs=2", f"data.augment_on={augment_on}", *TINY]
+    ov = [f"data.root={tiny_data / 'train'}", "train.epochs=2", *augment, *TINY]
     ref = run_pretrain(overrides=ov, out=str(tmp_path / "ref"), resume=None, **common)
     part = run_pretrain(overrides=ov + ["train.max_steps=3"], out=str(tmp_path / "p"), resume=None, **common)
     assert part["steps"] == 3

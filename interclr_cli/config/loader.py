@@ -328,6 +328,8 @@ def validate(cfg: Config) -> None:
         raise UserError(f"data.crop_min_scale must be in (0, 1]; got {cfg.data.crop_min_scale}")
     if not 0.0 < cfg.data.label_fraction <= 1.0:
         raise UserError(f"data.label_fraction must be in (0, 1]; got {cfg.data.label_fraction}")
+    if cfg.data.in_memory and cfg.data.augment_on != "device":
+        raise UserError("data.in_memory=true augments on the device; add data.augment_on=device (or set data.in_memory=false)")
     if len(cfg.data.mean) != 3 or len(cfg.data.std) != 3:
         raise UserError("data.mean and data.std need 3 values, e.g. data.mean=[0.485,0.456,0.406]")
 

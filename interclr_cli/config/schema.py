@@ -35,6 +35,9 @@ class DataConfig:
     # "device" (workers crop and flip; colour, grayscale, blur and normalisation run batched on
     # the training device: frees the CPU for a fast GPU, or for the model on a small CPU).
     augment_on: str = "workers"
+    # Decode every image once and keep the pixels on the training device (needs augment_on=device
+    # and images of one size, e.g. CIFAR: 150 MB); steps then need no decoding or workers.
+    in_memory: bool = False
     # Draw training samples with replacement (the InterCLR reference sampler) or as a permutation.
     replacement: bool = False
     num_workers: int = 4

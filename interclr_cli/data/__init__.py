@@ -2,6 +2,7 @@
 
 from .builtin import BUILTIN_DATASETS, resolve_builtin
 from .device_aug import AUGMENT_ON, DeviceAugment, crop_flip_transform
+from .memory import InMemoryImages
 from .datasets import ImageDataset, collate_skip, is_empty_batch, load_rgb
 from .loader import build_eval_loader, build_loader, eval_shard, loader_from_config
 from .samplers import EpochBatchSampler, aug_seeds
@@ -11,6 +12,7 @@ from .transforms import eval_transform, linear_train_transform, moco_v2_transfor
 __all__ = [
     "AUGMENT_ON",
     "DeviceAugment",
+    "InMemoryImages",
     "crop_flip_transform",
     "BUILTIN_DATASETS",
     "IMAGE_EXTENSIONS",

@@ -165,12 +165,76 @@ class DeviceAugment:
             x = torch.where(prm["blur_on"], gaussian_blur(x, prm["sigma"], self.kernel), x)
         return x
 
+    def _finish(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.apply(x, self.draw(x.shape[0]))
+        return (x - self.mean) / self.std
+
     @torch.no_grad()
     def __call__(self, views: torch.Tensor, *, epoch: int, step_in_epoch: int, rank: int = 0, view: int = 0) -> torch.Tensor:
-        """Augmented, normalised float views [B, 3, H, W] on the device from uint8 views."""
+        """Augmented, normalised float views [B, 3, H, W] on the device from cropped uint8 views."""
         if views.dtype != torch.uint8 or views.dim() != 4 or views.shape[1] != 3:
             raise ValueError(f"expected uint8 views [B, 3, H, W], got {views.dtype} {tuple(views.shape)}")
         self.gen.manual_seed(step_seed(self.seed, epoch, step_in_epoch, rank, view))
-        x = views.to(self.device, non_blocking=True).float().div_(255)
-        x = self.apply(x, self.draw(x.shape[0]))
-        return (x - self.mean) / self.std
+        return self._finish(views.to(self.device, non_blocking=True).float().div_(255))
+
+    @torch.no_grad()
+    def from_images(self, images: torch.Tensor, *, epoch: int, step_in_epoch: int, rank: int = 0, view: int = 0) -> torch.Tensor:
+        """The whole recipe on whole uint8 images [B, 3, H, W] already on the device (``data.in_memory``):
+        RandomResizedCrop to ``image_size`` and flip too, then as :meth:`__call__`."""
+        self.gen.manual_seed(step_seed(self.seed, epoch, step_in_epoch, rank, view))
+        n, _, h, w = images.shape
+        boxes = draw_crops(n, h, w, (self.cfg.crop_min_scale, 1.0), self.gen, self.device)
+        x = crop_resize(images.float().div_(255), boxes, self.cfg.image_size).clamp_(0, 1)
+        flip = torch.rand(n, generator=self.gen, device=self.device) < 0.5
+        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+        return self._finish(x)
+
+
+# ----------------------------------------------------------------------------- crop and flip on the device
+
+
+def draw_crops(n: int, height: int, width: int, scale: tuple[float, float], gen: torch.Generator,
+               device: torch.device, ratio: tuple[float, float] = (3 / 4, 4 / 3), attempts: int = 10) -> torch.Tensor:
+    """RandomResizedCrop boxes [n, 4] (x1, y1, x2, y2 in pixels) drawn as torchvision does.
+
+    Per image: area fraction ~ U(scale), log aspect ratio ~ U(log ratio); the first of ``attempts``
+    draws whose box fits is kept, and an image with none falls back to the centre crop of the
+    clamped ratio. Integer sizes and offsets, as torchvision.
+    """
+    area = float(height * width)
+    s = torch.rand(n, attempts, generator=gen, device=device) * (scale[1] - scale[0]) + scale[0]
+    lo, hi = np.log(ratio[0]), np.log(ratio[1])
+    r = torch.exp(torch.rand(n, attempts, generator=gen, device=device) * (hi - lo) + lo)
+    w = torch.round(torch.sqrt(s * area * r))
+    h = torch.round(torch.sqrt(s * area / r))
+    fits = (w > 0) & (h > 0) & (w <= width) & (h <= height)
+    first = torch.where(fits.any(dim=1), fits.float().argmax(dim=1), -1)  # first fitting attempt
+    pick = first.clamp_min(0).unsqueeze(1)
+    w, h = w.gather(1, pick).squeeze(1), h.gather(1, pick).squeeze(1)
+    # fallback: the whole image cut to the allowed ratio, centred
+    in_ratio = width / height
+    fw = float(width) if ratio[0] <= in_ratio <= ratio[1] else (float(width) if in_ratio < ratio[0] else round(height * ratio[1]))
+    fh = float(height) if ratio[0] <= in_ratio <= ratio[1] else (round(fw / ratio[0]) if in_ratio < ratio[0] else float(height))
+    none = first < 0
+    w, h = torch.where(none, fw, w), torch.where(none, fh, h)
+    u = torch.rand(n, 2, generator=gen, device=device)
+    y1 = torch.floor(u[:, 0] * (height - h + 1))
+    x1 = torch.floor(u[:, 1] * (width - w + 1))
+    y1 = torch.where(none, torch.floor((height - h) / 2), y1)
+    x1 = torch.where(none, torch.floor((width - w) / 2), x1)
+    return torch.stack([x1, y1, x1 + w, y1 + h], dim=1)
+
+
+def crop_resize(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """Crop ``boxes`` [B, 4] out of float images [B, C, H, W] and resize each to ``size`` x ``size``.
+
+    ``roi_align`` with pixel-aligned boxes: bilinear sampling at each output pixel's centre,
+    averaged over ceil(box / size) samples per output pixel when shrinking (a box antialiasing
+    filter, where torchvision's antialiased resize uses a triangle), and reading the pixels just
+    outside the box at its edges (torchvision crops first). On CIFAR images the two differ by
+    0.5-2% of the range on average (measured: 2x shrink 0.019, 8x6 -> 16x16 0.004).
+    """
+    from torchvision.ops import roi_align
+
+    rois = torch.cat([torch.arange(len(boxes), device=boxes.device, dtype=images.dtype)[:, None], boxes.to(images.dtype)], dim=1)
+    return roi_align(images, rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)

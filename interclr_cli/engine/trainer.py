@@ -26,7 +26,7 @@ import yaml
 
 from ..config.loader import to_mapping, to_yaml
 from ..config.schema import Config
-from ..data import (DeviceAugment, EpochBatchSampler, ImageDataset, crop_flip_transform, eval_transform, index_source,
+from ..data import (DeviceAugment, EpochBatchSampler, InMemoryImages, ImageDataset, crop_flip_transform, eval_transform, index_source,
                     loader_from_config, moco_v2_transform)
 from ..data.sources import FileIndex
 from ..errors import UserError, WorkError
@@ -71,6 +71,20 @@ def resolve_train_root(root: str) -> tuple[str, Optional[Path]]:
         return str(folder), folder
     p = Path(root).expanduser()
     return str(p), (p if p.is_dir() else None)
+
+
+class _InMemoryBatches:
+    """Iterates a batch sampler over :class:`InMemoryImages` like a DataLoader would."""
+
+    def __init__(self, store: InMemoryImages, sampler):
+        self.store, self.sampler = store, sampler
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        for keys in self.sampler:
+            yield self.store.batch(keys)
 
 
 @dataclass
@@ -167,8 +181,13 @@ class Trainer:
         total_steps = steps_per_epoch * cfg.train.epochs
         if cfg.train.max_steps:
             total_steps = min(total_steps, cfg.train.max_steps)
-        loader = loader_from_config(dataset, sampler, cfg.data)
         augment = DeviceAugment(cfg.data, device, cfg.seed) if on_device else None
+        if cfg.data.in_memory:
+            # decoded once; each step gathers its images on the device (no DataLoader)
+            store = InMemoryImages(dataset, device)
+            loader = _InMemoryBatches(store, sampler)
+        else:
+            store, loader = None, loader_from_config(dataset, sampler, cfg.data)
 
         method = build_method(cfg, n).to(device)
         fmt = memory_format(cfg.train.channels_last)
@@ -264,7 +283,9 @@ class Trainer:
                             continue
                         batch = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
                         for v, key in enumerate(("view1", "view2")):
-                            if augment is not None:
+                            if store is not None:
+                                batch[key] = augment.from_images(batch["images"], epoch=epoch, step_in_epoch=step_in_epoch, rank=dist.rank(), view=v)
+                            elif augment is not None:
                                 batch[key] = augment(batch[key], epoch=epoch, step_in_epoch=step_in_epoch, rank=dist.rank(), view=v)
                             batch[key] = batch[key].to(memory_format=fmt)
                         lr = set_lr(optimizer, lr_factor(cfg.optim, step, steps_per_epoch, steps_per_epoch * cfg.train.epochs))

@@ -38,7 +38,7 @@ from ...config.schema import Config
 from ...data.sources import FileIndex
 from ...errors import UserError, WorkError
 from ...eval.subsets import stratified_subset, subset_from_list
-from ...models import FEATURE_DIMS, build_backbone, use_point_output_convs
+from ...models import FEATURE_DIMS, build_backbone
 from ..checkpoint import (
     TrainingCheckpoint,
     check_compatible,
@@ -179,7 +179,7 @@ def _fit(cfg: Config, run_dir: Path, device: torch.device, backbone: nn.Module, 
          ck: Optional[TrainingCheckpoint], show_progress: bool) -> dict:
     seed_everything(cfg.seed)
     num_classes = len(train.classes)
-    model = FinetuneNet(use_point_output_convs(backbone), info["feature_dim"], num_classes, cfg.seed).to(device)
+    model = FinetuneNet(backbone, info["feature_dim"], num_classes, cfg.seed).to(device)
     fmt = memory_format(cfg.train.channels_last)
     if cfg.train.channels_last:
         model = model.to(memory_format=fmt)
