@@ -1,7 +1,7 @@
 """The data layer: index a data root, load and augment images, sample and batch them."""
 
 from .builtin import BUILTIN_DATASETS, resolve_builtin
-from .device_aug import AUGMENT_ON, DeviceAugment, crop_flip_transform
+from .device_aug import DeviceAugment, crop_flip_transform
 from .memory import InMemoryImages
 from .datasets import ImageDataset, collate_skip, is_empty_batch, load_rgb
 from .loader import build_eval_loader, build_loader, eval_shard, loader_from_config
@@ -10,7 +10,6 @@ from .sources import IMAGE_EXTENSIONS, SOURCES, FileIndex, index_source, resolve
 from .transforms import eval_transform, linear_train_transform, moco_v2_transform
 
 __all__ = [
-    "AUGMENT_ON",
     "DeviceAugment",
     "InMemoryImages",
     "crop_flip_transform",

@@ -30,8 +30,6 @@ from torchvision import transforms as T
 from ..config.schema import DataConfig
 from .transforms import blur_kernel_size
 
-AUGMENT_ON = ("workers", "device")
-
 # ColorJitter(0.4, 0.4, 0.4, 0.1) of MoCo v2
 JITTER = {"brightness": 0.4, "contrast": 0.4, "saturation": 0.4, "hue": 0.1}
 SIGMA = (0.1, 2.0)
@@ -213,8 +211,12 @@ def draw_crops(n: int, height: int, width: int, scale: tuple[float, float], gen:
     w, h = w.gather(1, pick).squeeze(1), h.gather(1, pick).squeeze(1)
     # fallback: the whole image cut to the allowed ratio, centred
     in_ratio = width / height
-    fw = float(width) if ratio[0] <= in_ratio <= ratio[1] else (float(width) if in_ratio < ratio[0] else round(height * ratio[1]))
-    fh = float(height) if ratio[0] <= in_ratio <= ratio[1] else (round(fw / ratio[0]) if in_ratio < ratio[0] else float(height))
+    if in_ratio < ratio[0]:
+        fw, fh = float(width), float(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        fw, fh = float(round(height * ratio[1])), float(height)
+    else:
+        fw, fh = float(width), float(height)
     none = first < 0
     w, h = torch.where(none, fw, w), torch.where(none, fh, h)
     u = torch.rand(n, 2, generator=gen, device=device)

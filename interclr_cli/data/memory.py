@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from .datasets import ImageDataset
+from .datasets import ImageDataset, load_rgb
 
 log = logging.getLogger("interclr.data")
 
@@ -25,9 +25,7 @@ log = logging.getLogger("interclr.data")
 class InMemoryImages:
     """uint8 images [N, 3, H, W] on ``device`` plus the readable-substitute map ``src`` [N]."""
 
-    def __init__(self, dataset: ImageDataset, device: torch.device, progress=None):
-        from .datasets import load_rgb
-
+    def __init__(self, dataset: ImageDataset, device: torch.device):
         n = len(dataset)
         arrays: list[np.ndarray | None] = []
         shape = None
@@ -43,8 +41,6 @@ class InMemoryImages:
                     raise UserError(f"data.in_memory needs images of one size: {dataset.path(i)} is {a.shape[1]}x{a.shape[0]}, "
                                     f"others {shape[1]}x{shape[0]}; resize the data set or set data.in_memory=false")
                 arrays.append(a)
-            if progress is not None:
-                progress(i + 1, n)
         ok = np.array([a is not None for a in arrays])
         if not ok.any():
             raise UserError("data.in_memory: no image of the data set could be read; check data.root")
