@@ -44,7 +44,7 @@ def _free_port() -> int:
 
 def _measure(fn, reps: int) -> tuple[int, float]:
     """(median bytes written, median seconds) of ``fn`` on this rank."""
-    from interclr_cli.engine import dist
+    from interclr_cli.runtime import dist
 
     sent, secs = [], []
     for _ in range(reps):
@@ -63,7 +63,7 @@ def _worker(rank: int, world: int, port: int, args, out: str) -> None:
     torch.set_num_threads(1)
     import torch.nn.functional as F
 
-    from interclr_cli.engine import dist, launch
+    from interclr_cli.runtime import dist, launch
 
     launch.init_distributed()
     n, d, b = args.num_samples, args.dim, args.batch
@@ -105,7 +105,7 @@ def _run_method(args, rank: int) -> dict:
     import torch.nn.functional as F
 
     from interclr_cli.config import load_config
-    from interclr_cli.engine import dist
+    from interclr_cli.runtime import dist
     from interclr_cli.methods import build_method
 
     cfg = load_config("r50-imagenet", ["model.arch=resnet18", "model.head_hidden=512", "device=cpu"])
@@ -123,7 +123,7 @@ def _run_method(args, rank: int) -> dict:
         method.after_optimizer_step(step)
         secs.append(time.perf_counter() - t0)
         sent.append(dist.bytes_written() - b0)
-    from interclr_cli.engine.ddp import check_replicas
+    from interclr_cli.runtime.ddp import check_replicas
 
     differ = check_replicas(method)  # float64 checksums of every parameter and buffer, compared
     return {"bytes_per_step": int(statistics.median(sent)), "seconds_per_step": statistics.median(secs),

@@ -14,7 +14,7 @@ import argparse
 import tempfile
 import time
 
-from interclr_cli.engine.downstream import run_linear_eval
+from interclr_cli.commands import run_linear_eval
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ import time
 import torch
 
 from interclr_cli.config import load_config
-from interclr_cli.engine.optim import build_optimizer
+from interclr_cli.training.optim import build_optimizer
 from interclr_cli.methods import build_method
 
 

@@ -8,18 +8,7 @@ import pytest
 import torch
 
 from interclr_cli.config import load_config, to_mapping
-from interclr_cli.engine.checkpoint import (
-    TrainingCheckpoint,
-    atomic_save,
-    check_compatible,
-    checkpoint_name,
-    list_checkpoints,
-    load_optimizer,
-    prune_checkpoints,
-    read_safetensors,
-    restore_rng,
-    save_training_checkpoint,
-)
+from interclr_cli.training.checkpoint import TrainingCheckpoint, atomic_save, check_compatible, checkpoint_name, list_checkpoints, load_optimizer, prune_checkpoints, read_safetensors, restore_rng, save_training_checkpoint
 from interclr_cli.errors import UserError
 from interclr_cli.methods import build_method
 
@@ -82,7 +71,7 @@ def test_round_trip_restores_every_tensor_and_rng(tmp_path):
 def test_atomic_save_leaves_no_partial_file(tmp_path, monkeypatch):
     path = tmp_path / "x.safetensors"
     atomic_save({"a": torch.ones(2)}, path, {"format": "x"})
-    import interclr_cli.engine.checkpoint as ckm
+    import interclr_cli.training.checkpoint as ckm
 
     def boom(*a, **k):
         raise OSError("disk full")

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from interclr_cli import clustering
-from interclr_cli.clustering import assign, faiss_available, faiss_gpu_available, kmeans
+from interclr_cli.eval import kmeans as clustering
+from interclr_cli.eval.kmeans import assign, faiss_available, faiss_gpu_available, kmeans
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

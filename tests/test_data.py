@@ -12,23 +12,7 @@ import torch
 from PIL import Image
 
 from interclr_cli.config.schema import DataConfig
-from interclr_cli.data import (
-    BUILTIN_DATASETS,
-    EpochBatchSampler,
-    FileIndex,
-    ImageDataset,
-    build_eval_loader,
-    build_loader,
-    collate_skip,
-    eval_shard,
-    eval_transform,
-    index_source,
-    is_empty_batch,
-    linear_train_transform,
-    moco_v2_transform,
-    resolve_builtin,
-    resolve_eval_split,
-)
+from interclr_cli.data import BUILTIN_DATASETS, EpochBatchSampler, FileIndex, ImageDataset, build_eval_loader, build_loader, collate_skip, eval_shard, eval_transform, index_source, is_empty_batch, linear_train_transform, moco_v2_transform, resolve_builtin, resolve_eval_split
 from interclr_cli.data import datasets as datasets_mod
 from interclr_cli.errors import UserError
 

@@ -44,8 +44,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from conftest import TINY, make_tree
-from interclr_cli.engine import dist
-from interclr_cli.engine.launch import detect, first_host
+from interclr_cli.runtime import dist
+from interclr_cli.runtime.launch import detect, first_host
 
 WORLD = 2
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,7 +63,7 @@ def _entry(rank: int, world: int, port: int, fn, args: tuple, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), OMP_NUM_THREADS="1", INTERCLR_DIST_TIMEOUT="3")
     torch.set_num_threads(1)
-    from interclr_cli.engine import launch
+    from interclr_cli.runtime import launch
 
     assert launch.init_distributed()
     try:
@@ -150,7 +150,7 @@ def _extract_means(root: str):
     """Sharded feature extraction: per-image channel means and a second output, in index order."""
     from interclr_cli.config.schema import DataConfig
     from interclr_cli.data import eval_transform, index_source
-    from interclr_cli.engine.features import extract
+    from interclr_cli.training.features import extract
 
     index = index_source(root, "imagefolder")
     tf = eval_transform(DataConfig(image_size=16, eval_resize=16))
@@ -162,8 +162,8 @@ def _extract_means(root: str):
 def _collectives_worker(images: str):
     import torch.distributed as tdist
 
-    from interclr_cli.engine.ddp import DistBatchNorm, _convert, check_replicas
-    from interclr_cli.engine.shuffle_bn import shuffled_forward
+    from interclr_cli.runtime.ddp import DistBatchNorm, _convert, check_replicas
+    from interclr_cli.runtime.shuffle_bn import shuffled_forward
 
     r, w, b = dist.rank(), dist.world_size(), 4
     res: dict = {}
@@ -237,7 +237,7 @@ def _collectives_worker(images: str):
     res["images"] = images
 
     # rank 0 alone runs a function; its result, or its error, reaches every rank
-    from interclr_cli.engine.downstream.common import single_process
+    from interclr_cli.commands.common import single_process
     from interclr_cli.errors import UserError, WorkError
 
     res["main_only"] = dist.main_only(lambda: {"ran_on": dist.rank()})
@@ -317,8 +317,8 @@ def _global_batch():
 def _moco_step(overrides: list[str], bn_eval: bool, kind: str = "ddp") -> dict:
     """One optimizer step of MoCo v2; distributed when the process group is up."""
     from interclr_cli.config import load_config
-    from interclr_cli.engine.ddp import convert_sync_bn, wrap_ddp
-    from interclr_cli.engine.optim import build_optimizer
+    from interclr_cli.runtime.ddp import convert_sync_bn, wrap_ddp
+    from interclr_cli.training.optim import build_optimizer
     from interclr_cli.methods import build_method
 
     cfg = load_config("mocov2-r18-cifar", MOCO + overrides)
@@ -421,7 +421,7 @@ def _record_writes(watch: str) -> list:
 
 def _pretrain_worker(out: str, overrides: list[str], watch: str):
     """run_pretrain on every rank; rank 1 records every file it creates or changes under ``watch``."""
-    from interclr_cli.engine.pretrain import run_pretrain
+    from interclr_cli.commands.pretrain import run_pretrain
 
     events = _record_writes(watch)
     summary = run_pretrain("mocov2-r18-cifar", overrides, out=out, resume=None, force=False, show_progress=False)
@@ -484,7 +484,7 @@ def test_only_rank0_writes_and_kill_resume_matches_uninterrupted(tmp_path, ranks
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD), "--master-port", str(free_port()),
            "-m", "interclr_cli", "pretrain", "--preset", "mocov2-r18-cifar", "--out", str(out), "--quiet", *ov]
     proc = subprocess.Popen(cmd, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    from interclr_cli.engine.checkpoint import list_checkpoints
+    from interclr_cli.training.checkpoint import list_checkpoints
 
     deadline = time.time() + 120
     while time.time() < deadline and not list_checkpoints(out / "checkpoints") and proc.poll() is None:
@@ -537,12 +537,12 @@ def _interclr_state(method) -> dict:
 
 def _interclr_worker(root: str, overrides: list[str]) -> dict:
     """Three runs in the same 2 processes: uninterrupted; stopped at step 3 (mid-epoch 2); resumed."""
-    from interclr_cli.engine import trainer
-    from interclr_cli.engine.pretrain import run_pretrain
+    from interclr_cli.training import pretraining
+    from interclr_cli.commands.pretrain import run_pretrain
 
     built = []
-    build = trainer.build_method
-    trainer.build_method = lambda cfg, n: built.append(build(cfg, n)) or built[-1]
+    build = pretraining.build_method
+    pretraining.build_method = lambda cfg, n: built.append(build(cfg, n)) or built[-1]
     common = dict(force=False, show_progress=False)
     out: dict = {}
     out["ref"] = run_pretrain("r18-cifar", overrides, out=f"{root}/ref", resume=None, **common)
@@ -557,17 +557,17 @@ def _interclr_worker(root: str, overrides: list[str]) -> dict:
 def _corrupt_worker(root: str, data: str) -> dict:
     """InterCLR on 2 ranks over data with unreadable images: every rank must still step on a
     full batch (the gathers of keys and indices need equal shapes), so they are replaced."""
-    from interclr_cli.engine import trainer
-    from interclr_cli.engine.pretrain import run_pretrain
+    from interclr_cli.training import pretraining
+    from interclr_cli.commands.pretrain import run_pretrain
 
     built = []
-    build = trainer.build_method
-    trainer.build_method = lambda cfg, n: built.append(build(cfg, n)) or built[-1]
+    build = pretraining.build_method
+    pretraining.build_method = lambda cfg, n: built.append(build(cfg, n)) or built[-1]
     try:
         summary = run_pretrain("r18-cifar", _interclr_overrides(Path(data)) + ["data.replacement=false"],
                                out=f"{root}/corrupt", resume=None, force=False, show_progress=False)
     finally:
-        trainer.build_method = build
+        pretraining.build_method = build
     return {"summary": summary, "state": _interclr_state(built[-1])}
 
 
@@ -641,7 +641,7 @@ def _downstream(data: str, out: str) -> dict:
     """linear-eval (both paths), knn, cluster and finetune (synchronised BatchNorm) on a random
     ResNet-18 with a global batch of 8; on 2 ranks the finetune run stops after its first epoch and
     is resumed. Distributed when the process group is up."""
-    from interclr_cli.engine.downstream import run_cluster, run_finetune, run_knn, run_linear_eval
+    from interclr_cli.commands import run_cluster, run_finetune, run_knn, run_linear_eval
 
     ov = [f"data.root={data}", *DOWN, f"train.batch_size={GLOBAL_BATCH // dist.world_size()}"]
     kw = dict(force=False, show_progress=False)
@@ -725,7 +725,7 @@ def test_two_rank_knn_and_cluster_equal_one_process(downstream):
 def test_two_rank_linear_eval_ends_with_the_one_process_layer(downstream):
     from safetensors.torch import load_file
 
-    from interclr_cli.engine.downstream.linear import new_linear
+    from interclr_cli.commands.linear_eval import new_linear
 
     r0, _, ref = downstream
     init = new_linear(512, 4, 0).weight
@@ -755,7 +755,7 @@ def test_two_rank_finetune_with_sync_bn_and_resume_matches_one_process(downstrea
     worst = max(((a[k].double() - b[k].double()).abs().max() / b[k].double().abs().max().clamp(min=1e-6)).item()
                 for k in model if b[k].is_floating_point())
     assert worst < 2e-4, worst
-    from interclr_cli.engine.downstream.linear import new_linear
+    from interclr_cli.commands.linear_eval import new_linear
 
     moved = (b["model.fc.weight"] - new_linear(512, 4, 0).weight).abs().max().item()
     assert (a["model.fc.weight"] - b["model.fc.weight"]).abs().max().item() < 1e-3 * moved  # it trained

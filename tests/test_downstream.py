@@ -16,19 +16,13 @@ from scipy.optimize import linear_sum_assignment
 
 from interclr_cli.config import load_config
 from interclr_cli.data import eval_transform, index_source
-from interclr_cli.engine.downstream import (
-    linear_probe,
-    load_backbone,
-    run_finetune,
-    run_knn,
-    run_rankme,
-)
-from interclr_cli.engine.downstream import knn as knn_mod
-from interclr_cli.engine.downstream.common import labelled_splits
-from interclr_cli.engine.downstream.finetune import choose_subset
-from interclr_cli.engine.features import extract
-from interclr_cli.engine.progress import Reporter
-from interclr_cli.engine.rundir import MetricsLog
+from interclr_cli.commands import linear_probe, load_backbone, run_finetune, run_knn, run_rankme
+from interclr_cli.commands import knn as knn_mod
+from interclr_cli.commands.common import labelled_splits
+from interclr_cli.commands.finetune import choose_subset
+from interclr_cli.training.features import extract
+from interclr_cli.runtime.progress import Reporter
+from interclr_cli.training.rundir import MetricsLog
 from interclr_cli.errors import UserError
 from interclr_cli.eval.rankme import rankme
 
@@ -55,7 +49,7 @@ def data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def ckpt(data, tmp_path_factory) -> Path:
     """A real (tiny) pretrain checkpoint: MoCo v2, ResNet-18, 1 step."""
-    from interclr_cli.engine.pretrain import run_pretrain
+    from interclr_cli.commands.pretrain import run_pretrain
 
     out = tmp_path_factory.mktemp("pre") / "run"
     res = run_pretrain("mocov2-r18-cifar", [f"data.root={data / 'train'}", "train.epochs=1", "train.max_steps=1", *TINY],
@@ -292,7 +286,7 @@ def test_rankme_matches_direct_computation(data, ckpt, tmp_path):
     backbone, head, _ = load_backbone(ckpt)
     cfg = load_config(LIN, [f"data.root={data}", *SMALL])
     index = index_source(str(data / "train"), "imagefolder")
-    from interclr_cli.engine.features import subset_index
+    from interclr_cli.training.features import subset_index
 
     pos = np.sort(np.random.default_rng(12345).permutation(48)[:30])
     (f, e), _ = extract(lambda x: (backbone(x), head(backbone(x))), subset_index(index, pos), eval_transform(cfg.data),

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from interclr_cli.eval.contact_sheet import PAD, contact_sheet
+from interclr_cli.commands.contact_sheet import PAD, contact_sheet
 
 
 def solid(color, size=(50, 30)):

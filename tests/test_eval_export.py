@@ -10,15 +10,7 @@ import torchvision
 from safetensors.torch import load_file
 
 from interclr_cli.errors import UserError
-from interclr_cli.eval.export import (
-    backbone_state_dict,
-    convert_moco_checkpoint,
-    export_onnx,
-    export_torchscript,
-    infer_arch,
-    read_pickle_checkpoint,
-    write_torchvision_export,
-)
+from interclr_cli.models.export import backbone_state_dict, convert_moco_checkpoint, export_onnx, export_torchscript, infer_arch, read_pickle_checkpoint, write_torchvision_export
 from interclr_cli.models import build_backbone, torchvision_resnet
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]

@@ -7,16 +7,7 @@ import numpy as np
 import pytest
 
 from interclr_cli.errors import UserError
-from interclr_cli.eval.metrics import (
-    ami,
-    ari,
-    cluster_report,
-    contingency,
-    expected_mutual_information,
-    hungarian_accuracy,
-    nmi,
-    purity,
-)
+from interclr_cli.eval.metrics import ami, ari, cluster_report, contingency, expected_mutual_information, hungarian_accuracy, nmi, purity
 
 # ----------------------------------------------------------------------------- direct formulas
 

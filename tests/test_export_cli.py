@@ -13,9 +13,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from interclr_cli.config import load_config, to_mapping
-from interclr_cli.engine.checkpoint import save_training_checkpoint
-from interclr_cli.engine.downstream import backbone_fingerprint, load_backbone
-from interclr_cli.engine.downstream.loading import save_classifier
+from interclr_cli.training.checkpoint import save_training_checkpoint
+from interclr_cli.commands import backbone_fingerprint, load_backbone
+from interclr_cli.commands.loading import save_classifier
 from interclr_cli.methods import build_method
 from interclr_cli.models import torchvision_resnet
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from interclr_cli.config.schema import OptimConfig
-from interclr_cli.engine.optim import LARS, build_optimizer, lr_factor, scaled_lr, set_lr
+from interclr_cli.training.optim import LARS, build_optimizer, lr_factor, scaled_lr, set_lr
 
 
 def test_cosine_with_warmup_matches_formula():

@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from interclr_cli.engine.checkpoint import list_checkpoints
-from interclr_cli.engine.pretrain import run_pretrain
+from interclr_cli.training.checkpoint import list_checkpoints
+from interclr_cli.commands.pretrain import run_pretrain
 from interclr_cli.errors import UserError, WorkError
 
 from conftest import TINY, assert_clean_error, run_cli

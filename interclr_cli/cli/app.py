@@ -53,7 +53,7 @@ def _preprocess(argv: list[str]) -> list[str]:
         if a == "--resume":
             nxt = argv[i + 1] if i + 1 < len(argv) else None
             if nxt is None or nxt.startswith("-") or "=" in nxt:
-                from ..engine.pretrain import LATEST
+                from ..commands.pretrain import LATEST
 
                 out.append(LATEST)
     return out
@@ -62,7 +62,7 @@ def _preprocess(argv: list[str]) -> list[str]:
 def main(argv: Optional[list[str]] = None) -> None:
     args = _preprocess(list(sys.argv[1:] if argv is None else argv))
     code = 0
-    from ..engine import dist, launch
+    from ..runtime import dist, launch
 
     who = ""
     try:

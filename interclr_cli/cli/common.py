@@ -10,7 +10,7 @@ from typing import Any, Optional
 import typer
 from rich.logging import RichHandler
 
-from ..engine.progress import console
+from ..runtime.progress import console
 
 PresetOpt = typer.Option(None, "--preset", "-p", help="Preset name (see `interclr presets`) or path to a YAML file.")
 OutOpt = typer.Option(None, "--out", "-o", help="Run folder (default: runs/<preset>-<timestamp>).")

@@ -79,7 +79,7 @@ def linear_eval(
     as_json: bool = JsonOpt,
     quiet: bool = QuietOpt,
 ) -> None:
-    from ..engine.downstream import run_linear_eval
+    from ..commands import run_linear_eval
 
     setup_logging(quiet)
     ov = list(overrides or [])
@@ -128,7 +128,7 @@ def finetune(
     as_json: bool = JsonOpt,
     quiet: bool = QuietOpt,
 ) -> None:
-    from ..engine.downstream import run_finetune
+    from ..commands import run_finetune
 
     setup_logging(quiet)
     checkpoint, ov = _split_ckpt(checkpoint, overrides)
@@ -175,7 +175,7 @@ def knn(
     as_json: bool = JsonOpt,
     quiet: bool = QuietOpt,
 ) -> None:
-    from ..engine.downstream import run_knn
+    from ..commands import run_knn
 
     setup_logging(quiet)
     ov = list(overrides or [])
@@ -218,7 +218,7 @@ def cluster(
     as_json: bool = JsonOpt,
     quiet: bool = QuietOpt,
 ) -> None:
-    from ..engine.downstream import run_cluster
+    from ..commands import run_cluster
 
     setup_logging(quiet)
     result = run_cluster(checkpoint, preset, list(overrides or []), out=out, force=force, k=k, features=features, pca=pca,
@@ -259,7 +259,7 @@ def rankme(
     as_json: bool = JsonOpt,
     quiet: bool = QuietOpt,
 ) -> None:
-    from ..engine.downstream import run_rankme
+    from ..commands import run_rankme
 
     setup_logging(quiet)
     ov = list(overrides or [])
@@ -300,7 +300,7 @@ def export(
     as_json: bool = JsonOpt,
     quiet: bool = QuietOpt,
 ) -> None:
-    from ..engine.downstream import run_export
+    from ..commands import run_export
 
     setup_logging(quiet)
     checkpoint, ov = _split_ckpt(checkpoint, overrides)

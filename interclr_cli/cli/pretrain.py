@@ -6,7 +6,7 @@ from typing import List, Optional
 
 import typer
 
-from ..engine.pretrain import run_pretrain
+from ..commands.pretrain import run_pretrain
 from .common import ForceOpt, JsonOpt, OutOpt, OverridesArg, PresetOpt, setup_logging, show_result
 
 HELP = """Pretrain a backbone (InterCLR or MoCo v2) on unlabeled images.

@@ -2,15 +2,7 @@
 
 from .bank import MemoryBank, last_occurrence
 from .labels import OnlineLabels, two_means
-from .sampling import (
-    NEG_MODES,
-    THRESHOLDS,
-    LabelIndex,
-    Negatives,
-    pool_threshold,
-    sample_negatives,
-    sample_positives,
-)
+from .sampling import NEG_MODES, THRESHOLDS, LabelIndex, Negatives, pool_threshold, sample_negatives, sample_positives
 
 __all__ = [
     "MemoryBank",

@@ -55,7 +55,7 @@ from typing import Optional
 
 import torch
 
-from ..engine import dist
+from ..runtime import dist
 import torch.nn as nn
 
 from . import _rng

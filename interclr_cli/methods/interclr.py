@@ -44,9 +44,9 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from ..clustering import kmeans
+from ..eval.kmeans import kmeans
 from ..config.schema import Config
-from ..engine import dist
+from ..runtime import dist
 from ..errors import UserError
 from ..losses import MARGIN_TYPES, margin_nce
 from ..memory import NEG_MODES, THRESHOLDS, LabelIndex, MemoryBank, OnlineLabels, sample_negatives, sample_positives

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config.schema import Config
-from ..engine import dist
+from ..runtime import dist
 from ..losses import info_nce
 from ..models import Encoder
 from .base import Method
@@ -75,7 +75,7 @@ class MoCoV2(Method):
     def compute_keys(self, x_k: torch.Tensor) -> torch.Tensor:
         """Keys [B, D] from the momentum encoder (shuffle-BN across ranks when configured)."""
         if self.cfg.method.key_bn == "shuffle" and dist.is_dist():
-            from ..engine.shuffle_bn import shuffled_forward
+            from ..runtime.shuffle_bn import shuffled_forward
 
             return F.normalize(shuffled_forward(self.encoder_k, x_k), dim=1)
         return F.normalize(self.encoder_k(x_k), dim=1)

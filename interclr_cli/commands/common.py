@@ -12,16 +12,16 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ...config.loader import apply_overrides, config_from_mapping, load_preset_mapping, to_yaml, validate
-from ...config.schema import Config
-from ...data import EpochBatchSampler, ImageDataset, eval_transform, index_source, linear_train_transform, loader_from_config, resolve_eval_split
-from ...data.sources import FileIndex
-from ...errors import UserError
-from .. import dist
-from ..device import memory_format, select_device
-from ..features import extract
-from ..optim import scaled_lr
-from ..rundir import check_run_dir, default_run_dir, prepare_run_dir
+from ..config.loader import apply_overrides, config_from_mapping, load_preset_mapping, to_yaml, validate
+from ..config.schema import Config
+from ..data import EpochBatchSampler, ImageDataset, eval_transform, index_source, linear_train_transform, loader_from_config, resolve_eval_split
+from ..data.sources import FileIndex
+from ..errors import UserError
+from ..runtime import dist
+from ..runtime.device import memory_format, select_device
+from ..training.features import extract
+from ..training.optim import scaled_lr
+from ..training.rundir import check_run_dir, default_run_dir, prepare_run_dir
 from .loading import describe
 
 log = logging.getLogger("interclr")
@@ -100,7 +100,7 @@ def refuse_early(command: str, out: Optional[str], force: bool) -> None:
 
 def rank_device(cfg: Config) -> torch.device:
     """``device`` from the config; under a launcher with GPUs every rank uses its own GPU
-    (``LOCAL_RANK``, set up by :func:`~interclr_cli.engine.launch.init_distributed`), as in pretraining."""
+    (``LOCAL_RANK``, set up by :func:`~interclr_cli.runtime.launch.init_distributed`), as in pretraining."""
     device = select_device(cfg.device)
     if dist.is_dist() and device.type == "cuda" and device.index not in (None, torch.cuda.current_device()):
         log.warning(f"device={cfg.device} ignored under a distributed launch: rank {dist.rank()} uses its own GPU (LOCAL_RANK)")
@@ -110,7 +110,7 @@ def rank_device(cfg: Config) -> torch.device:
 
 def global_lr(cfg: Config) -> tuple[int, float]:
     """(global batch, base learning rate): ``train.batch_size`` is per process, and ``optim.lr``
-    is scaled with the global batch by :func:`~interclr_cli.engine.optim.scaled_lr` (the rule of
+    is scaled with the global batch by :func:`~interclr_cli.training.optim.scaled_lr` (the rule of
     pretraining: ``lr x global_batch / optim.reference_batch``, unscaled when that is 0)."""
     world = dist.world_size()
     batch = cfg.train.batch_size * world
@@ -214,7 +214,7 @@ def prepare_backbone(backbone: nn.Module, cfg: Config, device: torch.device) -> 
 
 def run_extract(fns: Callable, index: FileIndex, cfg: Config, device: torch.device, reporter, description: str,
                 transform=None, aug_seed: Optional[int] = None) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """:func:`~interclr_cli.engine.features.extract` with the config's batch size, workers and
+    """:func:`~interclr_cli.training.features.extract` with the config's batch size, workers and
     precision: sharded across the ranks of a distributed run, every rank gets every row in order."""
     return extract(fns, index, transform if transform is not None else eval_transform(cfg.data), device=device,
                    batch_size=cfg.eval.feature_batch_size, num_workers=cfg.data.num_workers,

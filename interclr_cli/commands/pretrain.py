@@ -7,9 +7,9 @@ from typing import Optional
 
 from ..config.loader import apply_overrides, config_from_mapping, load_config, validate
 from ..errors import UserError
-from .checkpoint import TrainingCheckpoint
-from .rundir import check_run_dir, default_run_dir, prepare_run_dir
-from .trainer import Trainer, latest_checkpoint, load_run_config
+from ..training.checkpoint import TrainingCheckpoint
+from ..training.rundir import check_run_dir, default_run_dir, prepare_run_dir
+from ..training.pretraining import Trainer, latest_checkpoint, load_run_config
 
 LATEST = "__latest__"
 

@@ -4,7 +4,7 @@ Two paths, the same protocol otherwise (He et al., "Momentum Contrast", CVPR 202
 
 - ``augmented`` (default): every step loads a batch with the training augmentation, runs the
   frozen backbone (eval mode, ``no_grad``) and updates the linear layer; the step schedule and
-  the learning rate follow ``optim.*`` per iteration (:func:`~interclr_cli.engine.optim.lr_factor`).
+  the learning rate follow ``optim.*`` per iteration (:func:`~interclr_cli.training.optim.lr_factor`).
 - ``cached-features`` (``--cached-features``): the frozen features of the training set are
   extracted once (centre crop, plus ``eval.cached_aug_copies`` augmented copies) and the layer is
   trained on them by :func:`~interclr_cli.eval.linear.train_linear_on_features`; an epoch then visits
@@ -14,7 +14,7 @@ Validation features never change (frozen backbone, deterministic transform), so 
 extract them once and score the layer on them after every epoch.
 
 Distributed (torchrun/srun): ``train.batch_size`` is per process and the learning rate follows the
-global batch (:func:`~interclr_cli.engine.downstream.common.global_lr`). Feature extraction is
+global batch (:func:`~interclr_cli.commands.common.global_lr`). Feature extraction is
 sharded across the processes and gathered in dataset order. The augmented path gives each process
 its slice of every global batch (:class:`~interclr_cli.data.EpochBatchSampler`) and averages the
 layer's gradients with DistributedDataParallel, so the layer ends as after one process on the same
@@ -34,20 +34,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ...config.schema import Config
-from ...data import linear_train_transform
-from ...data.sources import FileIndex
-from ...errors import UserError, WorkError
-from ...eval.linear import train_linear_on_features
-from .. import dist
-from ..ddp import ddp_module
-from ..device import autocast, memory_format
-from ..optim import build_optimizer, lr_factor, set_lr
-from ..progress import Reporter
-from ..rundir import MetricsLog, attach_file_log, detach_log
-from ..trainer import seed_everything
-from .common import (close_run, epoch_totals, global_lr, labelled_splits, open_run, prepare_backbone, rank_device, refuse_early, resolve_config,
-                     run_extract, supervised_loader)
+from ..config.schema import Config
+from ..data import linear_train_transform
+from ..data.sources import FileIndex
+from ..errors import UserError, WorkError
+from ..eval.linear import train_linear_on_features
+from ..runtime import dist
+from ..runtime.ddp import ddp_module
+from ..runtime.device import autocast, memory_format
+from ..training.optim import build_optimizer, lr_factor, set_lr
+from ..runtime.progress import Reporter
+from ..training.rundir import MetricsLog, attach_file_log, detach_log
+from ..training.pretraining import seed_everything
+from .common import close_run, epoch_totals, global_lr, labelled_splits, open_run, prepare_backbone, rank_device, refuse_early, resolve_config, run_extract, supervised_loader
 from .loading import backbone_fingerprint, describe, load_backbone, save_classifier
 
 log = logging.getLogger("interclr")

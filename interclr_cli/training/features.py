@@ -16,8 +16,8 @@ import torch
 from ..data import ImageDataset, aug_seeds, build_eval_loader
 from ..data.loader import eval_shard
 from ..data.sources import FileIndex
-from . import dist
-from .device import autocast, memory_format
+from ..runtime import dist
+from ..runtime.device import autocast, memory_format
 
 
 def rng_neutral_iter(loader):

@@ -27,9 +27,9 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ...errors import UserError
-from ...models import BACKBONES, FEATURE_DIMS, MoCoV2Head, build_backbone
-from ..checkpoint import EXPORT_FORMAT, FORMAT, atomic_save, read_safetensors
+from ..errors import UserError
+from ..models import BACKBONES, FEATURE_DIMS, MoCoV2Head, build_backbone
+from ..training.checkpoint import EXPORT_FORMAT, FORMAT, atomic_save, read_safetensors
 
 log = logging.getLogger("interclr")
 

@@ -10,7 +10,7 @@ from .cluster import run_cluster
 from .export import run_export
 from .finetune import run_finetune
 from .knn import run_knn
-from .linear import linear_probe, run_linear_eval
+from .linear_eval import linear_probe, run_linear_eval
 from .loading import backbone_fingerprint, load_backbone, read_classifier
 from .rankme import run_rankme
 

@@ -5,7 +5,7 @@
 included), safetensors metadata ``format=interclr-export``, ``arch``, ``small_stem``, and a ``.json``
 beside it (architecture, preprocessing, how to load it; ``meta`` holds the source, the part and
 the class names). ``interclr`` reads the file back as a checkpoint (see
-:func:`~interclr_cli.engine.downstream.loading.load_backbone`).
+:func:`~interclr_cli.commands.loading.load_backbone`).
 
 ``--format torchscript|onnx`` traces the chosen part for inference (batch axis dynamic for ONNX),
 checks the traced model against PyTorch on a random input and writes a ``.json`` beside it.
@@ -25,27 +25,11 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ...errors import UserError, WorkError
-from ...eval.export import (
-    backbone_state_dict,
-    convert_moco_checkpoint,
-    export_onnx,
-    export_torchscript,
-    infer_arch,
-    read_pickle_checkpoint,
-    write_torchvision_export,
-)
-from ...models import build_backbone
+from ..errors import UserError, WorkError
+from ..models.export import backbone_state_dict, convert_moco_checkpoint, export_onnx, export_torchscript, infer_arch, read_pickle_checkpoint, write_torchvision_export
+from ..models import build_backbone
 from .common import resolve_config
-from .loading import (
-    _head_from_state,
-    _info,
-    _load_strict,
-    backbone_fingerprint,
-    describe,
-    load_backbone,
-    read_classifier,
-)
+from .loading import _head_from_state, _info, _load_strict, backbone_fingerprint, describe, load_backbone, read_classifier
 
 log = logging.getLogger("interclr")
 

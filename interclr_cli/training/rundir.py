@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from . import dist
+from ..runtime import dist
 
 RUN_MARKER = "config.yaml"
 

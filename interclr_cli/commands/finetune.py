@@ -13,7 +13,7 @@ continues bit-identically with ``--resume`` (the sampler and the augmentations a
 the seed, epoch and position; every other random state is in the checkpoint).
 
 Distributed (torchrun/srun): as pretraining. ``train.batch_size`` is per process, the learning
-rates follow the global batch (:func:`~interclr_cli.engine.downstream.common.global_lr`), every
+rates follow the global batch (:func:`~interclr_cli.commands.common.global_lr`), every
 process trains on its slice of each global batch under DistributedDataParallel, ``model.sync_bn``
 synchronises the backbone's BatchNorm over the global batch (else BatchNorm is per process and
 the running statistics are rank 0's), validation is extracted sharded, rank 0 alone writes the
@@ -33,33 +33,24 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ...config.loader import apply_overrides, config_from_mapping, to_mapping, validate
-from ...config.schema import Config
-from ...data.sources import FileIndex
-from ...errors import UserError, WorkError
-from ...eval.subsets import stratified_subset, subset_from_list
-from ...models import FEATURE_DIMS, build_backbone
-from ..checkpoint import (
-    TrainingCheckpoint,
-    check_compatible,
-    checkpoint_name,
-    list_checkpoints,
-    load_optimizer,
-    prune_checkpoints,
-    restore_rng,
-    save_training_checkpoint,
-)
-from .. import dist
-from ..ddp import convert_sync_bn, ddp_module, sync_bn_buffers
-from ..device import autocast, memory_format
-from ..features import subset_index
-from ..optim import build_optimizer, lr_factor, set_lr
-from ..pretrain import resolve_resume
-from ..progress import Reporter
-from ..rundir import MetricsLog, attach_file_log, detach_log, prepare_run_dir
-from ..trainer import load_run_config, seed_everything
+from ..config.loader import apply_overrides, config_from_mapping, to_mapping, validate
+from ..config.schema import Config
+from ..data.sources import FileIndex
+from ..errors import UserError, WorkError
+from ..eval.subsets import stratified_subset, subset_from_list
+from ..models import FEATURE_DIMS, build_backbone
+from ..training.checkpoint import TrainingCheckpoint, check_compatible, checkpoint_name, list_checkpoints, load_optimizer, prune_checkpoints, restore_rng, save_training_checkpoint
+from ..runtime import dist
+from ..runtime.ddp import convert_sync_bn, ddp_module, sync_bn_buffers
+from ..runtime.device import autocast, memory_format
+from ..training.features import subset_index
+from ..training.optim import build_optimizer, lr_factor, set_lr
+from .pretrain import resolve_resume
+from ..runtime.progress import Reporter
+from ..training.rundir import MetricsLog, attach_file_log, detach_log, prepare_run_dir
+from ..training.pretraining import load_run_config, seed_everything
 from .common import close_run, epoch_totals, global_lr, labelled_splits, open_run, rank_device, refuse_early, resolve_config, run_extract, supervised_loader
-from .linear import new_linear
+from .linear_eval import new_linear
 from .loading import describe, load_backbone
 
 log = logging.getLogger("interclr")

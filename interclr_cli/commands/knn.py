@@ -6,7 +6,7 @@ cosine similarity, the k nearest training images vote with weight exp(sim / T). 
 matrix is never held; the chunk is sized here so that a chunk's block stays near 256 MB.
 
 Distributed (torchrun/srun): both feature sets are extracted sharded across the processes and
-gathered (:func:`~interclr_cli.engine.features.extract`), then each process classifies its own
+gathered (:func:`~interclr_cli.training.features.extract`), then each process classifies its own
 contiguous share of the val rows (the extraction's shards) against the whole train set and the
 predictions are gathered in val order: the result is that of one process.
 """
@@ -18,11 +18,11 @@ from typing import Optional
 
 import torch
 
-from ...data.loader import eval_shard
-from ...eval.knn import knn_classify, knn_top1
-from .. import dist
-from ..progress import Reporter
-from ..rundir import MetricsLog, attach_file_log, detach_log
+from ..data.loader import eval_shard
+from ..eval.knn import knn_classify, knn_top1
+from ..runtime import dist
+from ..runtime.progress import Reporter
+from ..training.rundir import MetricsLog, attach_file_log, detach_log
 from .common import close_run, labelled_splits, open_run, prepare_backbone, rank_device, refuse_early, resolve_config, run_extract
 from .loading import describe, load_backbone
 

@@ -26,27 +26,17 @@ import yaml
 
 from ..config.loader import to_mapping, to_yaml
 from ..config.schema import Config
-from ..data import (DeviceAugment, EpochBatchSampler, InMemoryImages, ImageDataset, crop_flip_transform, eval_transform, index_source,
-                    loader_from_config, moco_v2_transform)
+from ..data import DeviceAugment, EpochBatchSampler, InMemoryImages, ImageDataset, crop_flip_transform, eval_transform, index_source, loader_from_config, moco_v2_transform
 from ..data.sources import FileIndex
 from ..errors import UserError, WorkError
 from ..methods import TrainContext, build_method
-from . import dist
-from .checkpoint import (
-    TrainingCheckpoint,
-    check_compatible,
-    checkpoint_name,
-    list_checkpoints,
-    load_optimizer,
-    prune_checkpoints,
-    restore_rng,
-    save_training_checkpoint,
-)
-from .device import autocast, memory_format, select_device
+from ..runtime import dist
+from .checkpoint import TrainingCheckpoint, check_compatible, checkpoint_name, list_checkpoints, load_optimizer, prune_checkpoints, restore_rng, save_training_checkpoint
+from ..runtime.device import autocast, memory_format, select_device
 from .features import extract, rng_neutral_iter
 from .monitor import Monitor
 from .optim import build_optimizer, lr_factor, scaled_lr, set_lr
-from .progress import Reporter
+from ..runtime.progress import Reporter
 from .rundir import MetricsLog, attach_file_log, detach_log
 
 log = logging.getLogger("interclr")
@@ -194,7 +184,7 @@ class Trainer:
         if cfg.train.channels_last:
             method = method.to(memory_format=fmt)
         if dist.is_dist():
-            from .ddp import convert_sync_bn
+            from ..runtime.ddp import convert_sync_bn
 
             method = convert_sync_bn(method, sync_bn=cfg.model.sync_bn, key_bn=cfg.method.key_bn, device=device)
         base_lr = scaled_lr(cfg.optim, cfg.train.batch_size * world)
@@ -205,7 +195,7 @@ class Trainer:
         optimizer = build_optimizer(cfg.optim, [{"params": method.trainable_parameters()}], base_lr)
         ddp_model = None
         if dist.is_dist():
-            from .ddp import wrap_ddp
+            from ..runtime.ddp import wrap_ddp
 
             ddp_model = self._ddp = wrap_ddp(method, device)
 
@@ -256,7 +246,7 @@ class Trainer:
                 method.train()
                 method.on_train_start(ctx)
                 if ddp_model is not None:
-                    from .ddp import check_replicas
+                    from ..runtime.ddp import check_replicas
 
                     check_replicas(method)
                 if monitor is not None and cfg.monitor.at_start and not resumed and cfg.monitor.every > 0:

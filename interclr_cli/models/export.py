@@ -23,7 +23,7 @@ import torch.nn as nn
 from safetensors.torch import save as safetensors_save
 
 from ..errors import UserError, WorkError
-from ..models import FEATURE_DIMS, torchvision_resnet
+from . import FEATURE_DIMS, torchvision_resnet
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 

@@ -12,11 +12,11 @@ from typing import Optional
 
 import numpy as np
 
-from ...eval.rankme import rankme
-from ..device import select_device
-from ..features import subset_index
-from ..progress import Reporter
-from ..rundir import MetricsLog, attach_file_log, detach_log
+from ..eval.rankme import rankme
+from ..runtime.device import select_device
+from ..training.features import subset_index
+from ..runtime.progress import Reporter
+from ..training.rundir import MetricsLog, attach_file_log, detach_log
 from .common import close_run, open_run, prepare_backbone, refuse_early, resolve_config, run_extract, single_folder
 from .loading import describe, load_backbone
 

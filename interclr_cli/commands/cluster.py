@@ -27,17 +27,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ...data import load_rgb
-from ...data.sources import FileIndex
-from ...errors import UserError
-from ...eval.contact_sheet import contact_sheet
-from ...eval.metrics import cluster_report
-from ..checkpoint import atomic_save
-from .. import dist
-from ..progress import Reporter
-from ..rundir import MetricsLog, attach_file_log, detach_log
-from .common import (close_run, open_run, prepare_backbone, rank_device, refuse_early, resolve_config, run_extract, single_folder,
-                     with_head)
+from ..data import load_rgb
+from ..data.sources import FileIndex
+from ..errors import UserError
+from .contact_sheet import contact_sheet
+from ..eval.metrics import cluster_report
+from ..training.checkpoint import atomic_save
+from ..runtime import dist
+from ..runtime.progress import Reporter
+from ..training.rundir import MetricsLog, attach_file_log, detach_log
+from .common import close_run, open_run, prepare_backbone, rank_device, refuse_early, resolve_config, run_extract, single_folder, with_head
 from .loading import describe, load_backbone
 
 log = logging.getLogger("interclr")
