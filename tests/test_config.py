@@ -124,3 +124,118 @@ def test_all_keys_cover_the_schema_and_round_trip():
     from interclr_cli.config import config_from_mapping
 
     assert config_from_mapping(to_mapping(cfg)) == cfg
+
+
+# --- allowed values: declared once, as Literal types in the schema --------------------------------
+
+def _schema_literals(cls=Config, prefix=""):
+    """Every Literal-typed key of the schema -> its args, read straight from the dataclasses."""
+    import dataclasses
+    import typing
+
+    out = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out.update(_schema_literals(tp, f"{prefix}{f.name}."))
+        elif typing.get_origin(tp) is typing.Literal:
+            out[prefix + f.name] = typing.get_args(tp)
+    return out
+
+
+SCHEMA_CHOICES = _schema_literals()
+
+
+def test_fixed_value_keys_are_literals_in_the_schema():
+    expected = {"data.source", "data.augment_on", "model.arch", "method.name", "method.key_bn", "method.intra.kind",
+                "method.inter.margin_type", "method.inter.neg_sampling", "method.inter.pool_threshold",
+                "method.inter.labels", "method.inter.bank_dtype", "optim.name", "optim.schedule", "train.precision",
+                "monitor.knn_split", "eval.protocol"}
+    assert expected <= set(SCHEMA_CHOICES)
+    from interclr_cli.config import choice_keys, choices
+
+    assert choice_keys() == SCHEMA_CHOICES
+    assert choices("method.inter.neg_sampling") == SCHEMA_CHOICES["method.inter.neg_sampling"]
+    assert choices("optim.lr") == ()
+    with pytest.raises(UserError, match="did you mean 'method.inter.neg_sampling'"):
+        choices("method.inter.neg_samplng")
+    # every default is one of its key's choices
+    defaults = Config()
+    from interclr_cli.config.loader import get_key
+
+    for key, allowed in SCHEMA_CHOICES.items():
+        assert get_key(defaults, key) in allowed, key
+
+
+@pytest.mark.parametrize("key", sorted(SCHEMA_CHOICES))
+def test_a_bad_choice_lists_exactly_the_schema_values(key):
+    allowed = SCHEMA_CHOICES[key]
+    with pytest.raises(UserError) as e:
+        load_config(None, [f"{key}=zzzz"])
+    assert str(e.value) == f"{key} must be one of {', '.join(allowed)}; got 'zzzz'"
+    for value in allowed:  # a near miss of each value suggests that value
+        with pytest.raises(UserError) as e:
+            load_config(None, [f"{key}={value}x"])
+        assert str(e.value) == f"{key} must be one of {', '.join(allowed)}; got '{value}x' (did you mean '{value}'?)"
+        cfg = load_config(None, [f"{key}={value}"])  # and each value itself is accepted
+        from interclr_cli.config.loader import get_key
+
+        assert get_key(cfg, key) == value
+
+
+def test_a_bad_choice_in_a_preset_file_or_set_in_code_is_an_error(tmp_path):
+    from interclr_cli.config import validate
+
+    p = tmp_path / "bad.yaml"
+    p.write_text("method:\n  inter:\n    pool_threshold: sample\n")
+    with pytest.raises(UserError, match=r"method.inter.pool_threshold must be one of exact, sampled; got 'sample' \(did you mean 'sampled'\?\)"):
+        load_config(str(p))
+    cfg = load_config(None)
+    cfg.method.name = "simclr"  # a Config changed in code is re-checked by validate()
+    with pytest.raises(UserError, match="method.name must be one of mocov2, interclr; got 'simclr'"):
+        validate(cfg)
+
+
+def test_registries_agree_with_the_schema():
+    """A new backbone, method or data source must be declared in the schema's Literal too."""
+    from interclr_cli.data.sources import SOURCES
+    from interclr_cli.losses import MARGIN_TYPES
+    from interclr_cli.memory import NEG_MODES, THRESHOLDS
+    from interclr_cli.methods import METHODS
+    from interclr_cli.models import BACKBONES
+
+    assert tuple(BACKBONES) == SCHEMA_CHOICES["model.arch"]
+    assert tuple(METHODS) == SCHEMA_CHOICES["method.name"]
+    assert tuple(SOURCES) == SCHEMA_CHOICES["data.source"]
+    assert NEG_MODES == SCHEMA_CHOICES["method.inter.neg_sampling"]
+    assert THRESHOLDS == SCHEMA_CHOICES["method.inter.pool_threshold"]
+    assert MARGIN_TYPES == SCHEMA_CHOICES["method.inter.margin_type"]
+
+
+def test_key_table_covers_every_key_with_its_default_and_choices():
+    from interclr_cli.config import key_table
+
+    rows = {r["key"]: r for r in key_table()}
+    assert list(rows) == all_keys()
+    assert rows["optim.lr"] == {"key": "optim.lr", "type": "number", "default": 0.03, "choices": []}
+    assert rows["data.mean"]["default"] == [0.485, 0.456, 0.406] and rows["data.mean"]["type"] == "list of number"
+    for key, allowed in SCHEMA_CHOICES.items():
+        assert rows[key]["type"] == "choice" and rows[key]["choices"] == list(allowed)
+
+
+def test_presets_keys_json_lists_types_defaults_and_choices():
+    import json
+
+    from conftest import run_cli
+
+    res = run_cli("presets", "keys", "--json")
+    assert res.returncode == 0, res.stderr
+    keys = json.loads(res.stdout)
+    assert set(keys) == set(all_keys())
+    assert keys["method.inter.neg_sampling"] == {"type": "choice", "default": "semihard",
+                                                 "choices": list(SCHEMA_CHOICES["method.inter.neg_sampling"])}
+    assert keys["train.epochs"] == {"type": "integer", "default": 200, "choices": []}
+    table = run_cli("presets", "keys")
+    assert table.returncode == 0, table.stderr
+    assert "method.inter.neg_sampling" in table.stdout and "semieasy" in table.stdout

@@ -3,14 +3,17 @@
 A preset is a YAML file in the package's ``presets/`` folder (or any path). ``base: NAME`` makes
 it inherit from another preset: mappings merge key by key, everything else is replaced. The merged
 mapping is validated against :class:`~interclr_cli.config.schema.Config`: an unknown key is an
-error that suggests the nearest valid key, and a value of the wrong type names the key and the
-expected type.
+error that suggests the nearest valid key, a value of the wrong type names the key and the
+expected type, and a value outside a ``Literal[...]`` key's choices lists them (with the nearest
+one). :func:`choices` and :func:`key_table` read the allowed values and defaults from the schema,
+the only place they are declared.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import typing
 from pathlib import Path
 from typing import Any
@@ -111,6 +114,8 @@ def _type_name(tp: Any) -> str:
         return f"list of {_type_name(arg)}"
     if origin is typing.Union:
         return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
+    if origin is typing.Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(tp)))
     return {int: "integer", float: "number", bool: "boolean (true/false)", str: "string"}.get(tp, str(tp))
 
 
@@ -125,6 +130,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "")):
             return None
         return _coerce(value, args[0], key)
+    if origin is typing.Literal:
+        if isinstance(value, (dict, list)):
+            raise bad()
+        return _check_choice(key, "" if value is None else str(value), tuple(typing.get_args(tp)))
     if origin is list:
         (arg,) = typing.get_args(tp)
         if isinstance(value, str):
@@ -183,8 +192,64 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise bad()
 
 
+def _check_choice(key: str, v: str, allowed: tuple) -> str:
+    if v not in allowed:
+        close = difflib.get_close_matches(str(v), [str(c) for c in allowed], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise UserError(f"{key} must be one of {', '.join(map(str, allowed))}; got {v!r}{hint}")
+    return v
+
+
+@functools.lru_cache(maxsize=None)
 def _hints(cls) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+    return typing.get_type_hints(cls)  # cached: resolving the string annotations is slow
+
+
+def _field(key: str) -> tuple[Any, Any]:
+    """(type annotation, default) of a dotted schema key; an unknown key is a UserError."""
+    cls: Any = Config
+    parts = key.split(".")
+    for i, p in enumerate(parts):
+        fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+        if p not in fields:
+            raise _unknown_key(key)
+        tp = _hints(cls)[p]
+        if i == len(parts) - 1:
+            if dataclasses.is_dataclass(tp):
+                raise _unknown_key(key)  # a section, not a key
+            f = fields[p]
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            return tp, default
+        cls = tp
+    raise _unknown_key(key)
+
+
+def _literal_args(tp: Any) -> tuple:
+    if typing.get_origin(tp) is typing.Union:  # Optional[Literal[...]]
+        tp = next((a for a in typing.get_args(tp) if a is not type(None)), tp)
+    return tuple(typing.get_args(tp)) if typing.get_origin(tp) is typing.Literal else ()
+
+
+def choices(key: str) -> tuple[str, ...]:
+    """The allowed values of a dotted key (its ``Literal[...]`` args in the schema), in schema
+    order; ``()`` for a key without a fixed set of values. An unknown key is a UserError."""
+    return _literal_args(_field(key)[0])
+
+
+def choice_keys() -> dict[str, tuple[str, ...]]:
+    """Every key with a fixed set of values -> its allowed values (from the schema)."""
+    return {k: c for k in all_keys() if (c := choices(k))}
+
+
+def key_table() -> list[dict[str, Any]]:
+    """One row per settable key, in schema order: ``key``, ``type`` (a readable name: ``choice``
+    for a key with a fixed set of values), ``default`` and ``choices`` (a list, empty when free)."""
+    rows = []
+    for k in all_keys():
+        tp, default = _field(k)
+        allowed = _literal_args(tp)
+        rows.append({"key": k, "type": "choice" if allowed else _type_name(tp), "default": default, "choices": list(allowed)})
+    return rows
 
 
 def all_keys(cls=Config, prefix: str = "") -> list[str]:
@@ -276,26 +341,6 @@ def load_config(preset: str | None, overrides: list[str] | None = None) -> Confi
     return cfg
 
 
-_CHOICES = {
-    "data.source": ("auto", "imagefolder", "folder", "filelist"),
-    "data.augment_on": ("workers", "device"),
-    "model.arch": ("resnet18", "resnet34", "resnet50"),
-    "method.name": ("mocov2", "interclr"),
-    "method.key_bn": ("none", "shuffle", "sync"),
-    "method.intra.kind": ("moco", "npid"),
-    "method.inter.margin_type": ("additive", "angular"),
-    "method.inter.neg_sampling": ("semihard", "hard", "random", "semieasy"),
-    "method.inter.pool_threshold": ("exact", "sampled"),
-    "method.inter.labels": ("online", "offline"),
-    "method.inter.bank_dtype": ("float32", "bfloat16"),
-    "optim.name": ("sgd", "lars"),
-    "optim.schedule": ("cosine", "step", "constant"),
-    "train.precision": ("none", "bf16"),
-    "monitor.knn_split": ("auto", "holdout", "train"),
-    "eval.protocol": ("linear", "finetune"),
-}
-
-
 def get_key(cfg: Config, key: str) -> Any:
     node: Any = cfg
     for p in key.split("."):
@@ -304,13 +349,10 @@ def get_key(cfg: Config, key: str) -> Any:
 
 
 def validate(cfg: Config) -> None:
-    """Value checks beyond types: choices and ranges."""
-    for key, choices in _CHOICES.items():
-        v = get_key(cfg, key)
-        if v not in choices:
-            close = difflib.get_close_matches(str(v), choices, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise UserError(f"{key} must be one of {', '.join(choices)}; got {v!r}{hint}")
+    """Value checks beyond types: ranges and cross-key rules. Choices are checked when a value
+    is parsed (``_coerce``); they are re-checked here, from the schema, for a Config changed in code."""
+    for key, allowed in choice_keys().items():
+        _check_choice(key, get_key(cfg, key), allowed)
     dev = cfg.device
     if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         raise UserError(f"device must be auto, cpu, cuda or cuda:N; got {dev!r}")

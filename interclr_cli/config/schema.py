@@ -1,15 +1,39 @@
 """The configuration schema: one typed tree shared by every command.
 
 Every key a preset or a ``key=value`` override may set is a field here; the type annotation is
-what an override string is parsed into (see :mod:`interclr_cli.config.overrides`). Sections are
-shared between commands: ``pretrain`` reads ``data``, ``model``, ``method``, ``optim``, ``train``
-and ``monitor``; ``linear-eval`` and ``finetune`` read ``data``, ``optim``, ``train`` and ``eval``.
+what an override string is parsed into (see :mod:`interclr_cli.config.loader`, which parses the
+presets and the overrides). A ``Literal[...]`` type is the one list of a key's allowed values: the
+loader checks values against it, ``interclr presets keys`` prints it, and other code reads it with
+:func:`interclr_cli.config.loader.choices` (or ``typing.get_args`` of the named types below) instead
+of keeping its own list.
+
+Sections are shared between commands: ``pretrain`` reads ``data``, ``model``, ``method``,
+``optim``, ``train`` and ``monitor``; ``linear-eval`` and ``finetune`` read ``data``, ``optim``,
+``train`` and ``eval``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Literal, Optional
+
+# The keys with a fixed set of values (named where other modules read them).
+Source = Literal["auto", "imagefolder", "folder", "filelist"]
+AugmentOn = Literal["workers", "device"]
+Arch = Literal["resnet18", "resnet34", "resnet50"]
+MethodName = Literal["mocov2", "interclr"]
+KeyBN = Literal["none", "shuffle", "sync"]
+IntraKind = Literal["moco", "npid"]
+MarginType = Literal["additive", "angular"]
+NegSampling = Literal["semihard", "hard", "random", "semieasy"]
+PoolThreshold = Literal["exact", "sampled"]
+LabelMode = Literal["online", "offline"]
+BankDtype = Literal["float32", "bfloat16"]
+OptimName = Literal["sgd", "lars"]
+Schedule = Literal["cosine", "step", "constant"]
+Precision = Literal["none", "bf16"]
+KnnSplit = Literal["auto", "holdout", "train"]
+Protocol = Literal["linear", "finetune"]
 
 
 @dataclass
@@ -19,8 +43,8 @@ class DataConfig:
     # Evaluation commands: labelled train/val trees. Empty means <root>/train and <root>/val|test.
     train: str = ""
     val: str = ""
-    # auto | imagefolder | folder | filelist
-    source: str = "auto"
+    # How root is indexed; auto detects it (see interclr_cli.data.sources).
+    source: Source = "auto"
     image_size: int = 224
     # Evaluation transform: resize to this size, then centre-crop image_size (MoCo: 256 -> 224).
     eval_resize: int = 256
@@ -34,7 +58,7 @@ class DataConfig:
     # Where pretraining augments: "workers" (every step in the DataLoader workers, PIL) or
     # "device" (workers crop and flip; colour, grayscale, blur and normalisation run batched on
     # the training device: frees the CPU for a fast GPU, or for the model on a small CPU).
-    augment_on: str = "workers"
+    augment_on: AugmentOn = "workers"
     # Decode every image once and keep the pixels on the training device (needs augment_on=device
     # and images of one size, e.g. CIFAR: 150 MB); steps then need no decoding or workers.
     in_memory: bool = False
@@ -51,8 +75,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    # resnet18 | resnet34 | resnet50
-    arch: str = "resnet50"
+    arch: Arch = "resnet50"
     # 3x3 stride-1 conv1 and no max-pool, for 32-96 px images.
     small_stem: bool = False
     # Projection head: Linear(feat, hidden) - ReLU - Linear(hidden, embed_dim). 0 = feature width.
@@ -65,7 +88,7 @@ class ModelConfig:
 class IntraConfig:
     # The intra-image branch; also MoCo v2's whole loss when method.name=mocov2.
     # moco: InfoNCE of q against its key and the queue. npid: against the memory bank.
-    kind: str = "moco"
+    kind: IntraKind = "moco"
     margin: float = 0.0
     temperature: float = 0.2
     weight: float = 0.75
@@ -81,26 +104,31 @@ class InterConfig:
     temperature: float = 0.2
     margin: float = -0.5
     # additive: cos(q,p) - m.  angular: cos(theta + m) (ArcFace-style).
-    margin_type: str = "additive"
+    margin_type: MarginType = "additive"
     num_clusters: int = 10000
-    # semihard | hard | random | semieasy
-    neg_sampling: str = "semihard"
+    # Negatives with another pseudo-label (see interclr_cli.memory.sampling): semihard/semieasy
+    # draw from the pool of the most/least similar entries, hard takes the most similar, random
+    # draws from the whole bank.
+    neg_sampling: NegSampling = "semihard"
     num_negatives: int = 16384
     # The nearest-neighbour pool for semihard/semieasy: a count, or (if > 0) a fraction of N.
     pool_size: int = 128000
     pool_fraction: float = 0.0
-    # exact: threshold from kthvalue over the full similarity row. sampled: threshold estimated
-    # from a random sample of the row (cheaper; see docs for the measured pool difference).
-    pool_threshold: str = "exact"
+    # exact: the pool is a topk(P, sorted=False) selection over the full similarity row.
+    # sampled: the pool is every entry past a threshold, the P-th largest (semieasy: smallest)
+    # similarity estimated from pool_sample random columns; skips the O(N) selection per row
+    # (see interclr_cli.memory.sampling for how the two pools differ).
+    pool_threshold: PoolThreshold = "exact"
     pool_sample: int = 16384
-    # online | offline pseudo-labels
-    labels: str = "online"
+    # Pseudo-labels: updated online every step, or re-clustered offline (k-means) every
+    # recluster_every epochs.
+    labels: LabelMode = "online"
     recluster_every: int = 1
     centroid_update_every: int = 10
     min_cluster_size: int = 20
     bank_momentum: float = 1.0
-    # float32 | bfloat16
-    bank_dtype: str = "float32"
+    # Storage dtype of the memory bank (bfloat16 halves its memory).
+    bank_dtype: BankDtype = "float32"
     warmup_epochs: int = 0
     kmeans_iters: int = 20
     kmeans_gpu: bool = True
@@ -108,26 +136,25 @@ class InterConfig:
 
 @dataclass
 class MethodConfig:
-    # mocov2 | interclr
-    name: str = "mocov2"
+    name: MethodName = "mocov2"
     momentum: float = 0.999
     queue_size: int = 65536
-    # shuffle-BN (multi-GPU) or per-device BN for the key encoder: none | shuffle
-    key_bn: str = "none"
+    # BatchNorm of the key encoder on several processes: none (per-device BN), shuffle
+    # (shuffle-BN, as in MoCo) or sync (SyncBatchNorm).
+    key_bn: KeyBN = "none"
     intra: IntraConfig = field(default_factory=IntraConfig)
     inter: InterConfig = field(default_factory=InterConfig)
 
 
 @dataclass
 class OptimConfig:
-    # sgd | lars
-    name: str = "sgd"
+    name: OptimName = "sgd"
     lr: float = 0.03
     momentum: float = 0.9
     weight_decay: float = 1e-4
     nesterov: bool = False
-    # cosine | step | constant
-    schedule: str = "cosine"
+    # step: multiply by gamma at each of milestones (epochs).
+    schedule: Schedule = "cosine"
     warmup_epochs: float = 0.0
     min_lr: float = 0.0
     milestones: list[int] = field(default_factory=list)
@@ -145,8 +172,8 @@ class TrainConfig:
     batch_size: int = 256
     # Stop after this many optimizer steps in total (0 = no limit); for smoke tests.
     max_steps: int = 0
-    # none | bf16
-    precision: str = "none"
+    # bf16: autocast to bfloat16; none: float32.
+    precision: Precision = "none"
     channels_last: bool = False
     compile: bool = False
     log_every: int = 10
@@ -166,16 +193,16 @@ class MonitorConfig:
     knn: bool = True
     knn_k: int = 200
     knn_temperature: float = 0.07
-    # holdout: a held-out labelled split (<root>/../test or data.val); train: a split of the train set.
-    knn_split: str = "auto"
+    # holdout: a held-out labelled split (<root>/../test or data.val); train: a split of the train set;
+    # auto: holdout when such a split exists, else train.
+    knn_split: KnnSplit = "auto"
     knn_max_train: int = 10000
     knn_max_val: int = 2000
 
 
 @dataclass
 class EvalConfig:
-    # linear | finetune
-    protocol: str = "linear"
+    protocol: Protocol = "linear"
     cached_features: bool = False
     cached_aug_copies: int = 0
     knn_k: list[int] = field(default_factory=lambda: [20, 200])
