@@ -33,6 +33,8 @@ import time
 import torch
 import torch.multiprocessing as mp
 
+from _helpers import bytes_written, random_init_state
+
 N_IMAGENET = 1_281_167
 
 
@@ -49,9 +51,9 @@ def _measure(fn, reps: int) -> tuple[int, float]:
     sent, secs = [], []
     for _ in range(reps):
         dist.barrier()
-        b0, t0 = dist.bytes_written(), time.perf_counter()
+        b0, t0 = bytes_written(), time.perf_counter()
         fn()
-        t1, b1 = time.perf_counter(), dist.bytes_written()
+        t1, b1 = time.perf_counter(), bytes_written()
         sent.append(b1 - b0)
         secs.append(t1 - t0)
     return int(statistics.median(sent)), statistics.median(secs)
@@ -111,7 +113,7 @@ def _run_method(args, rank: int) -> dict:
     cfg = load_config("r50-imagenet", ["model.arch=resnet18", "model.head_hidden=512", "device=cpu"])
     torch.manual_seed(0)
     method = build_method(cfg, args.num_samples)
-    method.random_init_state()
+    random_init_state(method)
     g = torch.Generator().manual_seed(100 + rank)  # each rank its own batch
     sent, secs = [], []
     for step in range(args.method_steps):
@@ -119,10 +121,10 @@ def _run_method(args, rank: int) -> dict:
         keys = F.normalize(torch.randn(args.batch, cfg.model.embed_dim, generator=g), dim=1)
         method._pending_keys, method._pending_bank = keys, (idx, keys)
         dist.barrier()
-        b0, t0 = dist.bytes_written(), time.perf_counter()
+        b0, t0 = bytes_written(), time.perf_counter()
         method.after_optimizer_step(step)
         secs.append(time.perf_counter() - t0)
-        sent.append(dist.bytes_written() - b0)
+        sent.append(bytes_written() - b0)
     from interclr_cli.runtime.ddp import check_replicas
 
     differ = check_replicas(method)  # float64 checksums of every parameter and buffer, compared

@@ -21,16 +21,17 @@ import time
 
 import torch
 
+from _helpers import random_init_state
 from interclr_cli.config import load_config
-from interclr_cli.training.optim import build_optimizer
 from interclr_cli.methods import build_method
+from interclr_cli.training.optim import build_optimizer
 
 
 def make_step(cfg, num_samples: int, batch: dict):
     method = build_method(cfg, num_samples)
     method.train()
-    if hasattr(method, "random_init_state"):
-        method.random_init_state()  # bank/labels without the k-means initialisation pass
+    if cfg.method.name == "interclr":
+        random_init_state(method)  # bank/labels without the k-means initialisation pass
     opt = build_optimizer(cfg.optim, [{"params": method.trainable_parameters()}], cfg.optim.lr)
     state = {"step": 0}
 

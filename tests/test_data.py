@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from interclr_cli.config.schema import DataConfig
-from interclr_cli.data import BUILTIN_DATASETS, EpochBatchSampler, FileIndex, ImageDataset, build_eval_loader, build_loader, collate_skip, eval_shard, eval_transform, index_source, is_empty_batch, linear_train_transform, moco_v2_transform, resolve_builtin, resolve_eval_split
+from interclr_cli.data import BUILTIN_DATASETS, EpochBatchSampler, FileIndex, ImageDataset, build_eval_loader, build_loader, collate_skip, eval_shard, eval_transform, index_source, linear_train_transform, moco_v2_transform, resolve_builtin, resolve_eval_split
 from interclr_cli.data import datasets as datasets_mod
 from interclr_cli.errors import UserError
 
@@ -301,13 +301,13 @@ def test_corrupt_image_warns_once_and_is_skipped(tmp_path, caplog, monkeypatch):
     assert len(warnings) == 1 and warnings[0].name == "interclr.data"
 
     batch = collate_skip([ds[(j, j)] for j in range(len(ds))])
-    assert batch["skipped"] == 1 and not is_empty_batch(batch)
+    assert batch["skipped"] == 1 and batch["index"].numel() == len(ds) - 1
     assert batch["view1"].shape == (len(ds) - 1, 3, 32, 32)
     assert batch["index"].dtype == torch.int64 and i not in batch["index"].tolist()
     assert batch["label"].dtype == torch.int64
 
     empty = collate_skip([ds[(i, 1)], ds[(i, 2)]])
-    assert is_empty_batch(empty) and empty["skipped"] == 2 and empty["label"].shape == (0,)
+    assert empty["index"].numel() == 0 and empty["skipped"] == 2 and empty["label"].shape == (0,)
 
 
 def test_substitute_replaces_unreadable_images_keeping_the_batch_full(tmp_path, monkeypatch):

@@ -44,6 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from conftest import TINY, make_tree
+from dist_helpers import GradAverager, all_gather_with_grad
 from interclr_cli.runtime import dist
 from interclr_cli.runtime.launch import detect, first_host
 
@@ -178,7 +179,7 @@ def _collectives_worker(images: str):
         return dist.all_reduce_mean(lin.weight.grad)
 
     # every rank computes the loss of the gathered global batch
-    res["gather_with_grad"] = averaged_grad(_contrastive(dist.all_gather_with_grad(lin(mine))))
+    res["gather_with_grad"] = averaged_grad(_contrastive(all_gather_with_grad(lin(mine))))
     # a plain all_gather returns tensors cut from the graph
     outs = [torch.empty(b, 6) for _ in range(w)]
     tdist.all_gather(outs, lin(mine))
@@ -331,7 +332,10 @@ def _moco_step(overrides: list[str], bn_eval: bool, kind: str = "ddp") -> dict:
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.eval()
     opt = build_optimizer(cfg.optim, [{"params": method.trainable_parameters()}], cfg.optim.lr)
-    runner = wrap_ddp(method, torch.device("cpu"), kind=kind) if dist.is_dist() else method
+    if not dist.is_dist():
+        runner = method
+    else:
+        runner = GradAverager(method) if kind == "allreduce" else wrap_ddp(method, torch.device("cpu"))
     batch = _global_batch()
     r = dist.rank()
     n = B if dist.is_dist() else B * WORLD
@@ -339,7 +343,7 @@ def _moco_step(overrides: list[str], bn_eval: bool, kind: str = "ddp") -> dict:
     loss, _ = runner.training_step(local, 0, 0)
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    if dist.is_dist():
+    if isinstance(runner, GradAverager):  # DDP reduced the gradients during backward
         runner.sync_gradients()
     grads = {k: p.grad.clone() for k, p in method.named_parameters() if p.grad is not None}
     opt.step()

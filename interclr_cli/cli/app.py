@@ -11,6 +11,7 @@ import typer
 
 from ..errors import InterclrError
 from . import presets as presets_cmd
+from .evaluate import register as register_evaluate
 from .pretrain import pretrain
 
 app = typer.Typer(
@@ -36,13 +37,7 @@ Examples:
 )
 app.command("pretrain", help=pretrain.__doc__)(pretrain)
 app.add_typer(presets_cmd.app, name="presets")
-
-for _mod in ("evaluate",):
-    try:  # downstream commands register themselves (linear-eval, finetune, knn, cluster, rankme, export)
-        __import__(f"{__package__}.{_mod}", fromlist=["register"]).register(app)
-    except ModuleNotFoundError as e:  # pragma: no cover - during development only
-        if e.name != f"{__package__}.{_mod}":
-            raise
+register_evaluate(app)  # linear-eval, finetune, knn, cluster, rankme, export
 
 
 def _preprocess(argv: list[str]) -> list[str]:

@@ -3,7 +3,7 @@
 from .builtin import BUILTIN_DATASETS, resolve_builtin
 from .device_aug import DeviceAugment, crop_flip_transform
 from .memory import InMemoryImages
-from .datasets import ImageDataset, collate_skip, is_empty_batch, load_rgb
+from .datasets import ImageDataset, collate_skip, load_rgb
 from .loader import build_eval_loader, build_loader, eval_shard, loader_from_config
 from .samplers import EpochBatchSampler, aug_seeds
 from .sources import IMAGE_EXTENSIONS, SOURCES, FileIndex, index_source, resolve_eval_split
@@ -26,7 +26,6 @@ __all__ = [
     "eval_shard",
     "eval_transform",
     "index_source",
-    "is_empty_batch",
     "linear_train_transform",
     "load_rgb",
     "loader_from_config",

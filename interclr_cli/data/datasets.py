@@ -78,6 +78,7 @@ class ImageDataset(Dataset):
         return len(self.labels)
 
     def path(self, i: int) -> str:
+        """The file path of image ``i``."""
         a, b = self._offsets[i], self._offsets[i + 1]
         return self._buf[a:b].tobytes().decode("utf-8", "surrogateescape")
 
@@ -124,7 +125,7 @@ def collate_skip(samples: list[Optional[dict]]) -> dict:
 
     ``index`` and ``label`` are int64 tensors. If every sample was unreadable, the batch has 0
     rows and only ``index``, ``label`` (empty) and ``skipped``: check ``batch["index"].numel()``
-    (or :func:`is_empty_batch`) and skip the step.
+    and skip the step.
     """
     kept = [s for s in samples if s is not None]
     skipped = len(samples) - len(kept)
@@ -139,8 +140,3 @@ def collate_skip(samples: list[Optional[dict]]) -> dict:
     batch["label"] = batch["label"].to(torch.int64)
     batch["skipped"] = skipped
     return batch
-
-
-def is_empty_batch(batch: dict) -> bool:
-    """True for a batch whose samples were all unreadable."""
-    return batch["index"].numel() == 0

@@ -36,8 +36,9 @@ class GaussianBlur:
     """Blur a PIL image with a ``kernel_size``-tap Gaussian, sigma ~ U(sigma) from torch's RNG.
 
     Same kernel, sigma draw and reflect padding as torchvision's ``GaussianBlur`` (results agree
-    to +-1 grey level), but a separable scipy filter: 6-30x faster on CPU, where torch's conv pays
-    a large per-call cost on small images.
+    to +-1 grey level), but a separable scipy filter, which is faster on CPU, where torch's conv
+    pays a large per-call cost on small images (measurements: benchmarks/README.md, section
+    "Worker Gaussian blur").
     """
 
     def __init__(self, kernel_size: int, sigma: tuple[float, float] = (0.1, 2.0)):

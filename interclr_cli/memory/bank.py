@@ -21,10 +21,11 @@ Storage precision: ``dtype=torch.bfloat16`` halves the memory (ImageNet, D=128: 
 328 MB) and the bytes read by the similarity pass; arithmetic (momentum mix, normalisation,
 similarities) is always done in float32 and only the stored rows are rounded. bf16 keeps an
 8-bit mantissa, so each stored coordinate has a relative error <= 2^-9 and a cosine between a
-query and a row is off by at most ~4e-3 (about 3 significant digits; measured on 64 x 200,000
-random unit 128-D pairs: max |err| 8.6e-4, mean 1.2e-4; stored row norms within 1.1e-3 of 1). Near-ties in the similarity ranking (semi-hard pool boundary, hard
-negatives) can therefore reorder; labels and sampling are otherwise unaffected. Rows are
-renormalised in float32 before every use, so the stored norm error (~2^-9) does not accumulate.
+query and a row is off by at most ~4e-3 (about 3 significant digits; measurements:
+benchmarks/README.md, section "bf16 memory bank"). Near-ties in the similarity ranking (semi-hard
+pool boundary, hard negatives) can therefore reorder; labels and sampling are otherwise
+unaffected. Rows are renormalised in float32 before every use, so the stored norm error (~2^-9)
+does not accumulate.
 """
 
 from __future__ import annotations
@@ -122,6 +123,7 @@ class MemoryBank(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
+        """Storage dtype of the rows (float32 or bfloat16)."""
         return self.features.dtype
 
     @torch.no_grad()

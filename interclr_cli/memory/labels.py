@@ -54,10 +54,9 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-
-from ..runtime import dist
 import torch.nn as nn
 
+from ..runtime import dist
 from . import _rng
 from .bank import last_occurrence
 
@@ -280,6 +279,8 @@ class OnlineLabels(nn.Module):
         return self.stats(change)
 
     def stats(self, label_change: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+        """Scalar tensors ``empty_clusters``, ``min_cluster_size``, ``max_cluster_size`` (from
+        ``counts``; no host sync), preceded by ``label_change`` when given."""
         out = {
             "empty_clusters": (self.counts == 0).sum(),
             "min_cluster_size": self.counts.min(),

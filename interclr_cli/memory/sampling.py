@@ -21,8 +21,8 @@ hits; ``hard`` takes ``topk(M + largest cluster size)`` and drops own-label entr
 designs, vectorised, with fixed shapes and no host sync:
 
 * **exact pool** (``threshold="exact"``): ``topk(P, sorted=False)`` gives the pool (a selection,
-  not a sort of the bank; on our 2-core CPU it is faster than ``kthvalue``, which copies the row);
-  own-label members are masked out of the pool *before* drawing; then a uniform M-subset without
+  not a sort of the bank, and without the copy of the row that ``kthvalue`` makes); own-label
+  members are masked out of the pool *before* drawing; then a uniform M-subset without
   replacement = the M smallest of uniform random keys over the pool (``topk`` on [B, P]).
 * **sampled pool** (``threshold="sampled"``): the P-th largest similarity of each row is estimated
   from the same ``sample_size`` random columns for every row (S values per row; quantile of a
@@ -36,13 +36,11 @@ designs, vectorised, with fixed shapes and no host sync:
 * ``random``: i.i.d. uniform draws (with replacement) over ``{other label}`` via the same
   cumulative count.
 
-Measured difference of the sampled pool from the exact one (N = 1,281,167, P = 128,000,
-S = 16,384; 32 queries x 20 trials against a bank of random unit 128-D rows; the size error of a
-sample-quantile threshold does not depend on the similarity distribution, only on S and P/N,
-barring ties): relative pool-size error mean +0.14%, std 2.31%, max |err| 8.5%;
-Jaccard(sampled, exact) mean 0.982, min 0.915. The two pools are nested (both are upper sets of
-the same row), so Jaccard = min(|a|, |b|) / max(|a|, |b|). Theory: the relative size error has
-std ~= sqrt((1 - p) / (p S)), p = P/N (2.3% here); tests check 6 sd on small banks.
+Sampled against exact pool: both are upper (lower) sets of the same row, so they are nested. The
+relative size error of a sample-quantile threshold does not depend on the similarity
+distribution, only on S and P/N (barring ties): its std is ~= sqrt((1 - p) / (p S)), p = P/N;
+tests check 6 sd on small banks. Measurements: benchmarks/README.md, section "Sampled vs exact
+pool".
 
 Graceful edge cases: P >= N makes the pool the whole bank; fewer admissible entries than M
 (tiny banks, huge own cluster) are topped up with repeats of admissible ones (with replacement);
@@ -52,13 +50,13 @@ them, see :func:`interclr_cli.losses.margin_nce`).
 Positives use a label index (labels sorted once per call, stable, so members stay in index
 order): ``offset + floor(u * count)``; pass a prebuilt :class:`LabelIndex` to share the sort.
 
-CPU cost notes (measured on a 2-core VM; they shape the code): ``index_select`` instead of
-advanced indexing for large gathers (4x faster), int32 labels for the [B, N] comparison and the
-sort, ``copy_`` + in-place ``cumsum_`` instead of ``cumsum(dtype=int32)`` (2.5x), ranks sorted
-before ``searchsorted`` (2x), reusable [B, N] buffers (``workspace``; no page faults), and the
-repeat-filling pass skipped on CPU when nothing needs filling. On GPUs every path is fixed-shape
-and sync-free. The exact pool's cost is dominated by ``topk(P)`` over the bank (about 1.2 s for
-32 x 1.28M on one busy core), which is what ``threshold="sampled"`` avoids.
+CPU choices (they shape the code): ``index_select`` instead of advanced indexing for large
+gathers, int32 labels for the [B, N] comparison and the sort, ``copy_`` + in-place ``cumsum_``
+instead of ``cumsum(dtype=int32)``, ranks sorted before ``searchsorted``, reusable [B, N] buffers
+(``workspace``; no page faults), and the repeat-filling pass skipped on CPU when nothing needs
+filling. On GPUs every path is fixed-shape and sync-free. The exact pool's cost is dominated by
+``topk(P)`` over the bank, which is what ``threshold="sampled"`` avoids. Measurements:
+benchmarks/README.md, section "Negative sampling on the CPU".
 
 Random numbers come from the ``generator`` argument (see ``_rng``): same generator state and
 inputs give the same draws.
@@ -66,14 +64,16 @@ inputs give the same draws.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, get_args
 
 import torch
 
+from ..config.schema import NegSampling, PoolThreshold
 from . import _rng
 
-NEG_MODES = ("semihard", "hard", "random", "semieasy")
-THRESHOLDS = ("exact", "sampled")
+# The allowed values are declared once, in the config schema; these guard direct calls.
+NEG_MODES: tuple[str, ...] = get_args(NegSampling)
+THRESHOLDS: tuple[str, ...] = get_args(PoolThreshold)
 
 
 class LabelIndex(NamedTuple):
@@ -85,7 +85,8 @@ class LabelIndex(NamedTuple):
 
     @classmethod
     def build(cls, labels: torch.Tensor) -> "LabelIndex":
-        # int32 keys sort about twice as fast as int64 on CPU (cluster ids are < 2^31)
+        """The index of ``labels`` [N] (any integer dtype; ids must be < 2^31): one stable sort."""
+        # int32 keys sort faster than int64 on CPU
         sorted_labels, order = torch.sort(labels.to(torch.int32), stable=True)
         return cls(sorted_labels, order)
 
@@ -148,7 +149,7 @@ def pool_threshold(
 def _buffer(workspace: Optional[dict], name: str, shape, dtype, device) -> torch.Tensor:
     """A reusable uninitialised tensor from ``workspace`` (a dict the caller keeps between steps),
     or a fresh one. Reusing the [B, N] temporaries saves the page faults of allocating ~200 MB per
-    step at ImageNet scale, which are a sizeable part of the CPU cost."""
+    step at ImageNet scale."""
     if workspace is None:
         return torch.empty(shape, dtype=dtype, device=device)
     t = workspace.get(name)
@@ -159,7 +160,7 @@ def _buffer(workspace: Optional[dict], name: str, shape, dtype, device) -> torch
 
 def _cumsum_int32(mask: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Row-wise cumulative count of a bool [B, N] mask as int32 (copy + in-place cumsum: on CPU
-    about 2.5x faster than ``cumsum(mask, dtype=int32)``, which converts element by element)."""
+    faster than ``cumsum(mask, dtype=int32)``, which converts element by element)."""
     out = torch.empty(mask.shape, dtype=torch.int32, device=mask.device) if out is None else out
     return out.copy_(mask).cumsum_(dim=1)
 
@@ -225,7 +226,7 @@ def _draw_from_mask(
         over = (c > cap).unsqueeze(1)
         spread = (rank.double() * (c.unsqueeze(1).double() / cap)).long()
         rank, valid = _fill_invalid(torch.where(over, spread, rank), kept < 1.5, m, generator)
-    # ascending ranks make the binary searches cache-friendly (2x faster on CPU); the order of a
+    # ascending ranks make the binary searches cache-friendly (faster on CPU); the order of a
     # row's negatives is immaterial (the loss is a sum over them)
     rank = torch.sort((rank + 1).to(torch.int32), dim=1).values
     cols = torch.searchsorted(csum, rank).clamp_max(n - 1)
@@ -266,7 +267,7 @@ def sample_negatives(
         pool_size: P, the semihard/semieasy pool (clamped to N).
         generator: random source.
         threshold: ``exact`` (top-P selection) or ``sampled`` (threshold estimated from
-            ``sample_size`` columns; see module doc for the measured pool difference).
+            ``sample_size`` columns; see the module doc for how the two pools differ).
         sample_size: S for ``threshold="sampled"``.
         workspace: optional dict kept by the caller between calls; large temporaries are reused
             from it (same results, fewer allocations).

@@ -1,14 +1,14 @@
-"""The contract between the engine and a self-supervised method.
+"""The contract between the training loop (:mod:`interclr_cli.training`) and a self-supervised method.
 
-The engine owns the loop, the optimizer, the device, precision and checkpoints; it knows nothing
-about queues, banks or labels. A method owns its networks, its loss and its state, and hands the
-engine its extra tensors to save (``extra_state``) and takes them back on resume.
+The training loop owns the loop, the optimizer, the device, precision and checkpoints; it knows
+nothing about queues, banks or labels. A method owns its networks, its loss and its state, and
+hands the training loop its extra tensors to save (``extra_state``) and takes them back on resume.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -18,7 +18,7 @@ from ..config.schema import Config
 
 @dataclass
 class TrainContext:
-    """What the engine offers a method outside the training step.
+    """What the training loop offers a method outside the training step.
 
     ``extract(fn)`` runs ``fn`` (images [B,3,H,W] on the device -> features [B,D]) over every
     image of the training set with the evaluation transform (centre crop, no augmentation) and
@@ -48,12 +48,8 @@ class Method(nn.Module):
         """The backbone that is evaluated and exported (torchvision parameter names)."""
         return self.encoder_q.backbone
 
-    @torch.no_grad()
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """L2-normalised embedding [B, D] used by monitors."""
-        return nn.functional.normalize(self.encoder_q(images), dim=1)
-
     def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters the optimizer updates (``requires_grad``; the key encoder's are frozen)."""
         return [p for p in self.parameters() if p.requires_grad]
 
     def compile_networks(self) -> None:
@@ -75,7 +71,7 @@ class Method(nn.Module):
 
         ``batch`` holds ``view1``, ``view2`` [B,3,H,W] on the device, ``index`` [B] (int64, the
         image's index in the data set) and ``label`` [B] (-1 when unlabelled). Must not sync the
-        host (no ``.item()``): the engine reads the logs every ``train.log_every`` steps.
+        host (no ``.item()``): the training loop reads the logs every ``train.log_every`` steps.
         """
         raise NotImplementedError
 

@@ -44,12 +44,11 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from ..eval.kmeans import kmeans
+from ..eval.clustering import kmeans
 from ..config.schema import Config
 from ..runtime import dist
-from ..errors import UserError
-from ..losses import MARGIN_TYPES, margin_nce
-from ..memory import NEG_MODES, THRESHOLDS, LabelIndex, MemoryBank, OnlineLabels, sample_negatives, sample_positives
+from ..losses import margin_nce
+from ..memory import LabelIndex, MemoryBank, OnlineLabels, sample_negatives, sample_positives
 from ..memory import _rng
 from .base import TrainContext
 from .mocov2 import MoCoV2
@@ -86,12 +85,6 @@ class InterCLR(MoCoV2):
         super().__init__(cfg, num_samples)
         mc = cfg.method
         intra, inter = mc.intra, mc.inter
-        _check_choice("method.intra.kind", intra.kind, ("moco", "npid"))
-        _check_choice("method.inter.neg_sampling", inter.neg_sampling, NEG_MODES)
-        _check_choice("method.inter.margin_type", inter.margin_type, MARGIN_TYPES)
-        _check_choice("method.inter.labels", inter.labels, ("online", "offline"))
-        _check_choice("method.inter.pool_threshold", inter.pool_threshold, THRESHOLDS)
-        _check_choice("method.inter.bank_dtype", inter.bank_dtype, ("float32", "bfloat16"))
         self.intra_cfg, self.inter_cfg = intra, inter
         self.npid = intra.kind == "npid"
         if self.npid:  # NPID needs no key encoder and no queue
@@ -167,8 +160,8 @@ class InterCLR(MoCoV2):
         it = self.inter_cfg
         labels = torch.zeros(self.num_samples, dtype=torch.long, device=feats.device)
         if dist.is_main():
-            _, labels = kmeans(feats, self.num_clusters, iters=it.kmeans_iters, seed=self.cfg.seed + epoch,
-                               use_gpu=it.kmeans_gpu, log=log)
+            labels = kmeans(feats, self.num_clusters, iters=it.kmeans_iters, seed=self.cfg.seed + epoch,
+                            use_gpu=it.kmeans_gpu, log=log).labels
             labels = labels.to(feats.device)
             sizes = torch.bincount(labels, minlength=self.num_clusters)
             log(f"k-means: {self.num_clusters} clusters, sizes {int(sizes.min())}..{int(sizes.max())}, "
@@ -194,19 +187,6 @@ class InterCLR(MoCoV2):
         if self.online:  # the reference requires non-empty clusters; dissolve/refill small ones
             self.labels.fix_small_clusters(self.bank.features, self._gen("label"))
         self.labels_epoch.fill_(epoch)
-
-    @torch.no_grad()
-    def random_init_state(self) -> None:
-        """Random unit bank rows and balanced random labels, without the extraction + k-means
-        pass (benchmarks; the per-step cost does not depend on the values)."""
-        g = torch.Generator().manual_seed(self.cfg.seed)
-        n, d = self.bank.features.shape
-        for s in range(0, n, 1 << 18):
-            rows = F.normalize(torch.randn(min(1 << 18, n - s), d, generator=g), dim=1)
-            self.bank.features[s : s + rows.shape[0]] = rows.to(self.bank.features)
-        labels = torch.arange(n)[torch.randperm(n, generator=g)] % self.num_clusters
-        self.labels.init(labels.to(self.bank.features.device), self.bank.features)
-        self.labels_epoch.fill_(0)
 
     def on_train_start(self, ctx: TrainContext) -> None:
         if self.num_clusters != self.inter_cfg.num_clusters:
@@ -304,8 +284,3 @@ class InterCLR(MoCoV2):
         if self.online:
             self._label_stats = self.labels.step(step, idx, self.bank.rows(idx), self.bank.features,
                                                  self._gen("label"))
-
-
-def _check_choice(key: str, value: str, choices) -> None:
-    if value not in choices:
-        raise UserError(f"{key}={value!r} is not one of {', '.join(choices)}")

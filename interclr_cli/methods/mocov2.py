@@ -18,22 +18,25 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config.schema import Config
-from ..runtime import dist
 from ..losses import info_nce
 from ..models import Encoder
+from ..runtime import dist
 from .base import Method
 
 
 def build_encoder(cfg: Config) -> Encoder:
+    """The query encoder of ``cfg.model`` (arch, stem, head width, embedding dim)."""
     m = cfg.model
     return Encoder(m.arch, m.small_stem, m.head_hidden, m.embed_dim)
 
 
 class MoCoV2(Method):
+    """MoCo v2 (module doc): query encoder ``encoder_q``, frozen momentum copy ``encoder_k`` and the
+    key queue buffer ``queue`` [K, D] (random unit rows at start) with its pointer ``queue_ptr``."""
+
     def __init__(self, cfg: Config, num_samples: int):
         super().__init__(cfg, num_samples)
         mc = cfg.method
@@ -53,6 +56,7 @@ class MoCoV2(Method):
     # -- Eq. 2: momentum update ------------------------------------------------------------------
     @torch.no_grad()
     def momentum_update(self) -> None:
+        """``theta_k <- m theta_k + (1 - m) theta_q`` over the parameters (MoCo Eq. 2)."""
         q_params = [p.detach() for p in self.encoder_q.parameters()]
         k_params = list(self.encoder_k.parameters())
         torch._foreach_mul_(k_params, self.momentum)
@@ -81,7 +85,9 @@ class MoCoV2(Method):
         return F.normalize(self.encoder_k(x_k), dim=1)
 
     def intra_loss(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        # MoCo Eq. 1: -log exp(q.k/tau) / (exp(q.k/tau) + sum_queue exp(q.n/tau))
+        """InfoNCE of queries ``q`` [B, D] against keys ``k`` [B, D] and the queue (scalar):
+        MoCo Eq. 1, ``-log exp(q.k/tau) / (exp(q.k/tau) + sum_queue exp(q.n/tau))``, with the
+        configured intra margin."""
         return info_nce(q, k, self.queue.clone().detach(), self.temperature, self.margin)
 
     def training_step(self, batch, step, epoch):

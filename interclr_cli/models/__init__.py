@@ -1,3 +1,6 @@
+"""Networks: torchvision ResNet backbones (small-image stem option), the MoCo v2 projection head,
+the 1x1-output convolution fast path, and :class:`Encoder` (backbone + head)."""
+
 from .backbones import BACKBONES, FEATURE_DIMS, build_backbone, torchvision_resnet
 from .fastconv import PointOutputConv2d, use_point_output_convs
 from .heads import MoCoV2Head
@@ -21,4 +24,5 @@ class Encoder(nn.Module):
         self.feature_dim = dim
 
     def forward(self, x):
+        """Images [B, 3, H, W] -> projections [B, embed_dim] (not normalised)."""
         return self.head(self.backbone(x))

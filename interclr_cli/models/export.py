@@ -149,6 +149,73 @@ def _fc_tensors(fc: dict) -> dict[str, torch.Tensor]:
     return out
 
 
+def _export_tensors(state: dict[str, torch.Tensor], fc: dict | None) -> tuple[dict[str, torch.Tensor], int | None]:
+    """(CPU tensors to write, number of classes or None): the backbone of ``state`` plus the
+    classifier ``fc`` (or the ``fc.*`` keys of ``state`` when ``fc`` is None)."""
+    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items() if not k.startswith("fc.")}
+    fc_in_state = {k: v for k, v in state.items() if k.startswith("fc.")}
+    if fc is None and fc_in_state:
+        fc = fc_in_state
+    if fc is None:
+        return tensors, None
+    fc_t = _fc_tensors(fc)
+    tensors.update(fc_t)
+    return tensors, int(fc_t["fc.weight"].shape[0])
+
+
+def _preprocessing(image_size: int, small_stem: bool, resize: int | None, mean: Sequence[float],
+                   std: Sequence[float]) -> dict:
+    """The ``preprocessing`` entry of the export JSON (resize default: crop / 0.875, or the crop
+    itself for the small stem)."""
+    crop = int(image_size)
+    resize = int(resize) if resize else (crop if small_stem else int(round(crop / 0.875)))
+    return {
+        "resize": resize,
+        "crop": crop,
+        "interpolation": "bilinear",
+        "mean": [float(m) for m in mean],
+        "std": [float(s) for s in std],
+        "input": "RGB, pixel values scaled to [0, 1] then normalised with mean and std",
+        "torchvision": f"Resize({resize}), CenterCrop({crop}), ToTensor(), Normalize(mean, std)",
+    }
+
+
+def _export_meta(weights: str, arch: str, small_stem: bool, num_classes: int | None, preprocessing: dict,
+                 extra_meta: dict | None) -> dict:
+    """The export JSON: architecture, preprocessing and how to load ``weights`` (the file name)."""
+    builder = f"torchvision.models.{arch}({'' if num_classes is None else f'num_classes={num_classes}'})"
+    strict = "True" if num_classes is not None else "False"
+    load_weights = f"model.load_state_dict(safetensors.torch.load_file({weights!r}), strict={strict})"
+    meta = {
+        "format": "interclr-torchvision-export",
+        "version": 1,
+        "weights": weights,
+        "architecture": arch,
+        "small_stem": bool(small_stem),
+        "feature_dim": FEATURE_DIMS[arch],
+        "includes_fc": num_classes is not None,
+        "num_classes": num_classes,
+        "preprocessing": preprocessing,
+        "load": f"model = {builder}; {load_weights}",
+    }
+    if small_stem:
+        nc = "" if num_classes is None else f", num_classes={num_classes}"
+        meta["stem_note"] = (
+            "small-image stem: conv1 is a 3x3 convolution with stride 1 and padding 1 (no bias) and there is no "
+            "max-pool; build the matching model before loading"
+        )
+        meta["python_helper"] = (
+            f"from interclr_cli.models import torchvision_resnet; model = torchvision_resnet({arch!r}, small_stem=True{nc})"
+        )
+        meta["plain_torchvision"] = (
+            f"model = {builder}; model.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False); "
+            "model.maxpool = torch.nn.Identity()"
+        )
+        meta["load"] = f"{meta['python_helper']}; {load_weights}"
+    meta["meta"] = dict(extra_meta or {})
+    return meta
+
+
 def write_torchvision_export(
     state: dict[str, torch.Tensor],
     out: Path,
@@ -176,59 +243,10 @@ def write_torchvision_export(
     out = Path(out)
     if out.suffix != ".safetensors":
         raise UserError(f"export file {out} must end in .safetensors; e.g. --out backbone.safetensors")
-    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items() if not k.startswith("fc.")}
-    fc_in_state = {k: v for k, v in state.items() if k.startswith("fc.")}
-    if fc is None and fc_in_state:
-        fc = fc_in_state
-    num_classes = None
-    if fc is not None:
-        fc_t = _fc_tensors(fc)
-        num_classes = int(fc_t["fc.weight"].shape[0])
-        tensors.update(fc_t)
+    tensors, num_classes = _export_tensors(state, fc)
     _check_against(tensors, arch, small_stem, num_classes)
-
-    crop = int(image_size)
-    resize = int(resize) if resize else (crop if small_stem else int(round(crop / 0.875)))
-    builder = f"torchvision.models.{arch}({'' if num_classes is None else f'num_classes={num_classes}'})"
-    strict = "True" if num_classes is not None else "False"
-    meta = {
-        "format": "interclr-torchvision-export",
-        "version": 1,
-        "weights": out.name,
-        "architecture": arch,
-        "small_stem": bool(small_stem),
-        "feature_dim": FEATURE_DIMS[arch],
-        "includes_fc": num_classes is not None,
-        "num_classes": num_classes,
-        "preprocessing": {
-            "resize": resize,
-            "crop": crop,
-            "interpolation": "bilinear",
-            "mean": [float(m) for m in mean],
-            "std": [float(s) for s in std],
-            "input": "RGB, pixel values scaled to [0, 1] then normalised with mean and std",
-            "torchvision": f"Resize({resize}), CenterCrop({crop}), ToTensor(), Normalize(mean, std)",
-        },
-        "load": f"model = {builder}; model.load_state_dict(safetensors.torch.load_file({out.name!r}), strict={strict})",
-    }
-    if small_stem:
-        nc = "" if num_classes is None else f", num_classes={num_classes}"
-        meta["stem_note"] = (
-            "small-image stem: conv1 is a 3x3 convolution with stride 1 and padding 1 (no bias) and there is no "
-            "max-pool; build the matching model before loading"
-        )
-        meta["python_helper"] = (
-            f"from interclr_cli.models import torchvision_resnet; model = torchvision_resnet({arch!r}, small_stem=True{nc})"
-        )
-        meta["plain_torchvision"] = (
-            f"model = {builder}; model.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False); "
-            "model.maxpool = torch.nn.Identity()"
-        )
-        meta["load"] = (
-            f"{meta['python_helper']}; model.load_state_dict(safetensors.torch.load_file({out.name!r}), strict={strict})"
-        )
-    meta["meta"] = dict(extra_meta or {})
-
+    meta = _export_meta(out.name, arch, small_stem, num_classes, _preprocessing(image_size, small_stem, resize, mean, std),
+                        extra_meta)
     st_meta = {"format": "interclr-export", "interclr_export": "1", "arch": arch, "small_stem": str(bool(small_stem)).lower()}
     _atomic_write_bytes(out, safetensors_save(tensors, metadata=st_meta))
     json_path = out.with_suffix(".json")

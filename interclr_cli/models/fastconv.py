@@ -2,8 +2,8 @@
 
 A ResNet fed small images ends with 1x1 feature maps: at 32 px with the standard stem, the four
 3x3 convolutions of ``layer4`` see a 2x2 or 1x1 input and give a 1x1 output. oneDNN's CPU
-backward for such a convolution is pathological (about 100 ms for a [64, 512, 1, 1] input, 13x
-its forward), so on a CPU those four layers cost more than the rest of the network.
+backward for such a convolution is pathologically slow, many times its forward (measurements:
+benchmarks/README.md, section "1x1-output convolutions").
 
 When the output is 1x1 the convolution is exactly a linear map of the input window under the
 kernel: output[b, o] = sum_{c,i,j} w[o, c, i, j] * x_pad[b, c, i, j]. Taps that fall on the zero

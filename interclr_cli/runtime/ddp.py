@@ -1,11 +1,11 @@
 """Gradient synchronisation, SyncBatchNorm and replica checks for multi-process training.
 
-The trainer calls ``wrap_ddp(method, device)`` when the process group is initialised and then runs
-``wrapper.training_step(batch, step, epoch)`` instead of ``method.training_step``. The default
-wrapper is real :class:`torch.nn.parallel.DistributedDataParallel` around a tiny module whose
-``forward`` is the method's ``training_step``: DDP buckets the gradients and all-reduces each
-bucket as soon as backward has produced it, overlapping communication with the rest of backward,
-which is what makes data parallelism scale on GPUs. The method itself is not renamed: checkpoints
+The training loop (:mod:`interclr_cli.training`) calls ``wrap_ddp(method, device)`` when the
+process group is initialised and then runs ``wrapper.training_step(batch, step, epoch)`` instead
+of ``method.training_step``. The wrapper is real :class:`torch.nn.parallel.DistributedDataParallel`
+around a tiny module whose ``forward`` is the method's ``training_step``: DDP buckets the
+gradients and all-reduces each bucket as soon as backward has produced it, overlapping
+communication with the rest of backward, which is what makes data parallelism scale on GPUs. The method itself is not renamed: checkpoints
 keep ``method.state_dict()`` names (``encoder_q.backbone.conv1.weight``, no ``module.`` prefix).
 
 * Only gradients are synchronised by DDP (``forward_sync_buffers=False``). The method's own
@@ -14,11 +14,12 @@ keep ``method.state_dict()`` names (``encoder_q.backbone.conv1.weight``, no ``mo
   broadcast the whole bank from rank 0 when it starts.
 * BatchNorm running statistics are rank-local during training (they only matter in eval mode);
   :meth:`sync_buffers` copies rank 0's to every rank (what DDP's default per-step buffer
-  broadcast achieves, done only when needed), and the trainer calls it before every checkpoint,
-  monitor pass and feature extraction, so what is saved, evaluated and resumed is the same on
-  every rank, and independent of where checkpoints fall.
-* :class:`GradAverager` (one flat all-reduce after backward, no overlap) is kept as the reference
-  implementation DDP is tested against, and for methods whose graph DDP cannot handle.
+  broadcast achieves, done only when needed), and the training loop calls it before every
+  checkpoint, monitor pass and feature extraction, so what is saved, evaluated and resumed is the
+  same on every rank, and independent of where checkpoints fall.
+
+The flat all-reduce reference that DDP is tested against is ``GradAverager`` in
+``tests/dist_helpers.py``.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class DistBatchNorm(_BatchNorm):
     torch's ``nn.SyncBatchNorm`` only runs on GPUs; this one computes the global batch mean and
     (biased) variance with two autograd-aware all-reduces of per-channel sums, so both the
     normalisation and its gradient equal those of one BatchNorm over the global batch. Used when
-    the device is not CUDA; on CUDA the trainer uses ``nn.SyncBatchNorm`` (fused kernels).
+    the device is not CUDA; on CUDA :func:`convert_sync_bn` uses ``nn.SyncBatchNorm`` (fused kernels).
     Same parameter and buffer names as BatchNorm, so checkpoints are interchangeable.
     """
 
@@ -183,8 +184,6 @@ class _StepModule(nn.Module):
 class DDPMethod:
     """DistributedDataParallel around ``method.training_step`` (see the module docstring)."""
 
-    kind = "ddp"
-
     def __init__(self, method: nn.Module, device: torch.device, *, find_unused_parameters: bool = False,
                  bucket_cap_mb: float | None = None):
         self.method = method
@@ -201,51 +200,12 @@ class DDPMethod:
         self.ddp = DistributedDataParallel(step, **kw)
 
     def training_step(self, batch, step: int, epoch: int):
+        """``method.training_step(batch, step, epoch)`` through DDP: (loss, logs); backward of the
+        loss all-reduces (averages) the gradients bucket by bucket."""
         return self.ddp(batch, step, epoch)
 
-    def sync_gradients(self) -> None:
-        """Nothing to do: DDP reduced the gradients during backward."""
-
     def sync_buffers(self) -> None:
-        sync_bn_buffers(self.method)
-
-
-class GradAverager:
-    """Averages the gradients of the method's trainable parameters across ranks after backward.
-
-    Equivalent to DistributedDataParallel's all-reduce (sum / world size), done in one flat
-    buffer so it costs one collective per step, but without overlapping backward.
-    """
-
-    kind = "allreduce"
-
-    def __init__(self, method: nn.Module):
-        self.method = method
-        self.params = [p for p in method.parameters() if p.requires_grad]
-        for t in list(method.parameters()) + _bn_buffers(method):  # identical initial weights
-            dist.broadcast_(t.data, 0)
-
-    def training_step(self, batch, step: int, epoch: int):
-        return self.method.training_step(batch, step, epoch)
-
-    @torch.no_grad()
-    def sync_gradients(self) -> None:
-        if not dist.is_dist():
-            return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        for p, g in zip(self.params, grads):
-            if p.grad is None:
-                p.grad = g
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        tdist.all_reduce(flat)
-        flat /= dist.world_size()
-        off = 0
-        for g in grads:
-            n = g.numel()
-            g.copy_(flat[off : off + n].view_as(g))
-            off += n
-
-    def sync_buffers(self) -> None:
+        """Give every rank rank 0's BatchNorm running statistics (:func:`sync_bn_buffers`)."""
         sync_bn_buffers(self.method)
 
 
@@ -276,11 +236,11 @@ def ddp_module(model: nn.Module, device: torch.device, **kw) -> nn.Module:
     return DistributedDataParallel(model, **kw)
 
 
-def wrap_ddp(method: nn.Module, device: torch.device, kind: str = "ddp", **kw) -> DDPMethod | GradAverager:
-    """The gradient synchroniser for ``method``: ``ddp`` (default) or ``allreduce``.
+def wrap_ddp(method: nn.Module, device: torch.device, **kw) -> DDPMethod:
+    """The gradient synchroniser for ``method``: a :class:`DDPMethod` (``kw`` go to it).
 
-    Both broadcast parameters and BN statistics from rank 0. Every other tensor (queues, banks ...)
-    must already agree on every rank: the trainer calls :func:`check_replicas` once the method
-    has set itself up (``on_train_start``).
+    It broadcasts parameters and BN statistics from rank 0. Every other tensor (queues, banks ...)
+    must already agree on every rank: the training loop calls :func:`check_replicas` once the
+    method has set itself up (``on_train_start``).
     """
-    return GradAverager(method) if kind == "allreduce" else DDPMethod(method, device, **kw)
+    return DDPMethod(method, device, **kw)

@@ -37,4 +37,18 @@ def autocast(device: torch.device, precision: str):
 
 
 def memory_format(channels_last: bool) -> torch.memory_format:
+    """``torch.channels_last`` when asked for, else ``torch.contiguous_format``."""
     return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def process_device(name: str) -> torch.device:
+    """:func:`select_device` for this process: under a distributed launch with GPUs every rank
+    uses its own GPU (``LOCAL_RANK``, set up by :func:`~interclr_cli.runtime.launch.init_distributed`),
+    whatever ``cuda:N`` the config names (with a warning)."""
+    from . import dist
+
+    device = select_device(name)
+    if dist.is_dist() and device.type == "cuda" and device.index not in (None, torch.cuda.current_device()):
+        log.warning(f"device={name} ignored under a distributed launch: rank {dist.rank()} uses its own GPU (LOCAL_RANK)")
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device

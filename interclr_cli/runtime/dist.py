@@ -2,26 +2,25 @@
 
 A one-process run pays nothing: every function short-circuits when torch.distributed is not
 initialised. Methods call these instead of torch.distributed directly, so tests can run the same
-code under gloo with several processes (and so a benchmark can count what they send).
+code under gloo with several processes.
 
-Two kinds of gathers:
+Two kinds of collectives:
 
 * ``all_gather_cat`` / ``broadcast_`` / ``all_reduce_mean``: no gradient (queues, banks, labels,
   logged scalars).
-* ``all_gather_with_grad`` / ``all_reduce_sum_with_grad``: autograd-aware. A plain
-  ``torch.distributed.all_gather`` returns tensors that are cut from the graph (the gradient of
-  the local input is lost), and a plain in-place ``all_reduce`` passes the gradient through as the
-  identity, which after DistributedDataParallel's averaging is 1/world of the true gradient.
-  Both autograd-aware versions *sum* the incoming gradients over ranks in backward, which is what
-  makes "every rank computes its loss on the gathered tensor, DDP averages the parameter
+* ``all_reduce_sum_with_grad``: autograd-aware. A plain in-place ``all_reduce`` passes the
+  gradient through as the identity, which after DistributedDataParallel's averaging is 1/world
+  of the true gradient; this one *sums* the incoming gradients over ranks in backward, which is
+  what makes "every rank computes its loss on the reduced tensor, DDP averages the parameter
   gradients" equal to the one-process gradient of the mean loss over the global batch
-  (``tests/test_distributed.py`` checks both the right and the two wrong answers).
+  (``tests/test_distributed.py`` checks the right and the wrong answer, and the same for a
+  gather with gradient, ``tests/dist_helpers.py``).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as tdist
@@ -30,14 +29,17 @@ T = TypeVar("T")
 
 
 def is_dist() -> bool:
+    """True when a torch.distributed process group is initialised."""
     return tdist.is_available() and tdist.is_initialized()
 
 
 def world_size() -> int:
+    """Number of processes (1 without a process group)."""
     return tdist.get_world_size() if is_dist() else 1
 
 
 def rank() -> int:
+    """This process's global rank (0 without a process group)."""
     return tdist.get_rank() if is_dist() else 0
 
 
@@ -52,6 +54,7 @@ def local_rank() -> int:
 
 
 def is_main() -> bool:
+    """True on rank 0 (and in a one-process run)."""
     return rank() == 0
 
 
@@ -102,6 +105,7 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 
 
 def all_gather_object(obj: Any) -> list:
+    """Every rank's ``obj`` (small, picklable), in rank order; ``[obj]`` on one process."""
     if not is_dist():
         return [obj]
     out: list = [None] * world_size()
@@ -110,6 +114,7 @@ def all_gather_object(obj: Any) -> list:
 
 
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    """Mean of ``t`` over ranks (a new tensor, no gradient); ``t`` itself on one process."""
     if not is_dist():
         return t
     t = t.clone()
@@ -118,6 +123,7 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum of ``t`` over ranks (a new tensor, no gradient); ``t`` itself on one process."""
     if not is_dist():
         return t
     t = t.clone()
@@ -126,6 +132,7 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 
 
 def barrier() -> None:
+    """Wait until every rank gets here; a no-op on one process."""
     if is_dist():
         tdist.barrier()
 
@@ -145,29 +152,6 @@ def check_same(value: Any, what: str) -> None:
 
 # -- with gradient ---------------------------------------------------------------------------------
 
-class _AllGatherWithGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
-        ctx.rows = t.shape[0]
-        out = [torch.empty_like(t) for _ in range(world_size())]
-        tdist.all_gather(out, t.contiguous())
-        return torch.cat(out, 0)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        # d(sum_r L_r)/d t_local = sum over ranks of their gradient w.r.t. this rank's rows
-        grad = grad.contiguous()
-        n = ctx.rows
-        if grad.is_cuda:  # NCCL: a reduce-scatter sends 1/world of an all-reduce
-            out = torch.empty_like(grad[:n])
-            tdist.reduce_scatter_tensor(out, grad)
-            return out
-        grad = grad.clone()
-        tdist.all_reduce(grad)
-        r = rank()
-        return grad[r * n : (r + 1) * n]
-
-
 class _AllReduceSumWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, t: torch.Tensor) -> torch.Tensor:
@@ -182,18 +166,6 @@ class _AllReduceSumWithGrad(torch.autograd.Function):
         return grad
 
 
-def all_gather_with_grad(t: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``t`` [B, ...] from every rank along dim 0 (rank order), keeping the gradient.
-
-    Every rank must pass the same shape. In backward each rank receives the sum over ranks of the
-    gradient w.r.t. its own rows; with DDP averaging the parameter gradients afterwards, the step
-    equals a one-process step on the global batch.
-    """
-    if not is_dist() or world_size() == 1:
-        return t
-    return _AllGatherWithGrad.apply(t)
-
-
 def all_reduce_sum_with_grad(t: torch.Tensor) -> torch.Tensor:
     """Sum of ``t`` over ranks, keeping the gradient (backward sums the gradients over ranks)."""
     if not is_dist() or world_size() == 1:
@@ -201,20 +173,7 @@ def all_reduce_sum_with_grad(t: torch.Tensor) -> torch.Tensor:
     return _AllReduceSumWithGrad.apply(t)
 
 
-# -- measuring -------------------------------------------------------------------------------------
-
-def bytes_written() -> Optional[int]:
-    """Bytes this process has passed to write-like system calls so far (``wchar`` of
-    /proc/self/io, which counts socket sends: the collectives' traffic under gloo), or None."""
-    try:
-        with open("/proc/self/io") as f:
-            for line in f:
-                if line.startswith("wchar:"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
+# -- rank 0 first / only ---------------------------------------------------------------------------
 
 def main_first(fn: Callable[[bool], T]) -> T:
     """``fn(True)`` on rank 0, then ``fn(False)`` on the other ranks once rank 0 is done (e.g.

@@ -38,6 +38,8 @@ log = logging.getLogger("interclr")
 
 @dataclass(frozen=True)
 class LaunchInfo:
+    """One process's place in a distributed launch, as read from the environment by :func:`detect`."""
+
     rank: int
     world_size: int
     local_rank: int
@@ -100,6 +102,7 @@ def detect(env: Optional[dict] = None) -> Optional[LaunchInfo]:
 
 
 def default_backend() -> str:
+    """``INTERCLR_DIST_BACKEND`` if set, else ``cpu:gloo,cuda:nccl`` with CUDA visible, else ``gloo``."""
     forced = os.environ.get("INTERCLR_DIST_BACKEND", "").strip()
     if forced:
         return forced

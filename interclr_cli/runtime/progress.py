@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Optional
 
 from rich.console import Console
@@ -14,6 +13,7 @@ _console: Optional[Console] = None
 
 
 def console() -> Console:
+    """The process's rich console on stderr (created on first use)."""
     global _console
     if _console is None:
         _console = Console(stderr=True)
@@ -50,11 +50,13 @@ class Reporter:
             self.progress = None
 
     def task(self, description: str, total: int | None) -> int | None:
+        """Add a bar (``total`` None: no known end); returns its id, or None when disabled."""
         if self.progress is None:
             return None
         return self.progress.add_task(description, total=total, info="")
 
     def update(self, task: int | None, advance: int = 0, info: str | None = None, **kw) -> None:
+        """Advance bar ``task`` by ``advance`` and set its ``info`` text (other ``kw`` go to rich)."""
         if self.progress is None or task is None:
             return
         if info is not None:
@@ -62,11 +64,13 @@ class Reporter:
         self.progress.update(task, advance=advance, **kw)
 
     def finish(self, task: int | None) -> None:
+        """Stop bar ``task`` and hide it."""
         if self.progress is not None and task is not None:
             self.progress.stop_task(task)
             self.progress.update(task, visible=False)
 
     def print(self, message: str) -> None:
+        """Print ``message`` on rank 0's console (above the bars when they are shown)."""
         if not dist.is_main():
             return
         if self.progress is not None:

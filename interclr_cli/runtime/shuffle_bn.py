@@ -24,6 +24,8 @@ from . import dist
 
 
 def global_permutation(n: int, device: torch.device) -> torch.Tensor:
+    """A permutation of ``range(n)`` [n] on ``device``, drawn from the global CPU generator and
+    broadcast from rank 0."""
     perm = torch.randperm(n)  # CPU generator: identical on every rank, saved in checkpoints
     perm = perm.to(device)
     return dist.broadcast_(perm, 0)
