@@ -71,8 +71,8 @@ def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def test_load_backbone_reads_pretrain_and_random(ckpt):
     backbone, head, info = load_backbone(ckpt)
-    assert info["kind"] == "pretrain" and info["arch"] == "resnet18" and info["small_stem"] is False
-    assert info["image_size"] == 16 and info["embed_dim"] == 32 and head is not None
+    assert info.kind == "pretrain" and info.arch == "resnet18" and info.small_stem is False
+    assert info.image_size == 16 and info.embed_dim == 32 and head is not None
     saved = load_file(str(ckpt))
     assert torch.equal(backbone.layer4[1].bn2.running_var, saved["model.encoder_q.backbone.layer4.1.bn2.running_var"])
     x = torch.randn(2, 3, 16, 16)
@@ -80,7 +80,7 @@ def test_load_backbone_reads_pretrain_and_random(ckpt):
         assert backbone(x).shape == (2, 512) and head(backbone(x)).shape == (2, 32)
     a, ha, ia = load_backbone("random:resnet18-small")
     b, _, _ = load_backbone("random:resnet18-small")
-    assert ia["small_stem"] and a.conv1.kernel_size == (3, 3) and ha is not None
+    assert ia.small_stem and a.conv1.kernel_size == (3, 3) and ha is not None
     assert all(torch.equal(u, v) for u, v in zip(a.state_dict().values(), b.state_dict().values()))  # fixed seed
 
 
@@ -211,10 +211,15 @@ def test_finetune_resume_equals_uninterrupted(data, ckpt, tmp_path):
     model = [k for k in ta if k.startswith(("model.", "optim."))]
     assert model and all(torch.equal(ta[k], tb[k]) for k in model)
     assert resumed["top1"] == full["top1"]
+    # the whole network trains in train mode: BatchNorm counted the 6 steps on top of pretraining's
+    src = load_file(str(ckpt))
+    for bn in ("bn1", "layer4.1.bn2"):
+        before = int(src[f"model.encoder_q.backbone.{bn}.num_batches_tracked"])
+        assert int(ta[f"model.backbone.{bn}.num_batches_tracked"]) == before + 6
     # the fine-tuned checkpoint is itself a checkpoint for the other commands (with its classifier)
     backbone, head, info = load_backbone(full["checkpoint"])
-    assert info["kind"] == "finetune" and head is None and info["classifier"]["weight"].shape == (4, 512)
-    assert info["classes"] == ["airplane", "automobile", "bird", "cat"]
+    assert info.kind == "finetune" and head is None and info.classifier["weight"].shape == (4, 512)
+    assert info.classes == ["airplane", "automobile", "bird", "cat"]
 
 
 # --- knn -------------------------------------------------------------------------------------------

@@ -3,8 +3,10 @@ import math
 import pytest
 import torch
 
+from interclr_cli.config.schema import OptimConfig
 from interclr_cli.errors import UserError, WorkError
-from interclr_cli.eval.linear import topk_accuracy, train_linear_on_features
+from interclr_cli.eval.linear import score_classifier, topk_accuracy, topk_correct, train_linear_on_features
+from interclr_cli.training.optim import lr_factor
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -18,13 +20,17 @@ def separable(noise_seed=0, n_per_class=40, classes=6, d=16):
     return x, y
 
 
-def run(**overrides):
+def per_epoch(lr: float, epochs: int, **optim):
+    """The training loop's schedule evaluated once per epoch, as linear-eval --cached-features uses it."""
+    cfg = OptimConfig(**{"lr": lr, "schedule": "step", "milestones": [6], "gamma": 0.1, **optim})
+    return lambda e: lr * lr_factor(cfg, e, 1, epochs)
+
+
+def run(lr=0.1, epochs=8, optim=None, **overrides):
     x, y = separable()
     vx, vy = separable(noise_seed=1, n_per_class=10)
-    kwargs = dict(
-        epochs=8, lr=0.1, momentum=0.9, weight_decay=1e-4, batch_size=32, milestones=[6], gamma=0.1,
-        schedule="step", seed=0, device="cpu",
-    )
+    kwargs = dict(epochs=epochs, lr_at=per_epoch(lr, epochs, **(optim or {})), momentum=0.9, weight_decay=1e-4,
+                  batch_size=32, seed=0, device="cpu")
     kwargs.update(overrides)
     return train_linear_on_features(x, y, vx, vy, 6, **kwargs)
 
@@ -48,7 +54,7 @@ def test_reproducible_with_seed_and_seed_matters():
 
 def test_cosine_schedule_and_progress_callback():
     seen = []
-    _, result = run(schedule="cosine", epochs=4, progress_cb=seen.append)
+    _, result = run(optim={"schedule": "cosine"}, epochs=4, progress_cb=seen.append)
     assert [h["epoch"] for h in seen] == [1, 2, 3, 4]
     lrs = [h["lr"] for h in result["history"]]
     assert lrs[0] == pytest.approx(0.1)
@@ -68,9 +74,18 @@ def test_topk_accuracy():
 def test_bad_inputs_and_divergence():
     x, y = separable()
     with pytest.raises(UserError, match="num_classes"):
-        train_linear_on_features(x, y, x, y, 3, epochs=1, lr=0.1, momentum=0.9, weight_decay=0, batch_size=8,
-                                 milestones=[], gamma=0.1, seed=0, device="cpu")
-    with pytest.raises(UserError, match="schedule"):
-        run(schedule="linear")
-    with pytest.raises(WorkError, match="lower --lr"):
+        train_linear_on_features(x, y, x, y, 3, epochs=1, lr_at=lambda e: 0.1, momentum=0.9, weight_decay=0, batch_size=8,
+                                 seed=0, device="cpu")
+    with pytest.raises(WorkError, match="lower optim.lr"):
         run(lr=1e30, epochs=2)
+
+
+def test_topk_correct_counts_and_score_classifier_match_a_hand_computation():
+    logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1], [0.2, 0.3, 0.5], [0.5, 0.4, 0.1]])
+    targets = torch.tensor([1, 1, 0, 0])
+    assert topk_correct(logits, targets, (1, 2, 3)).tolist() == [2.0, 3.0, 4.0]
+    # chunked scoring (chunks of 3 and 1) equals the whole-matrix values computed by hand
+    got = score_classifier(lambda z: z, logits, targets, chunk=3)
+    want_loss = float(torch.nn.functional.cross_entropy(logits.double(), targets))
+    assert got["val_loss"] == pytest.approx(want_loss, rel=1e-6)
+    assert got["top1"] == 50.0 and got["top5"] == 100.0

@@ -75,7 +75,7 @@ def test_torchvision_export_loads_strictly_with_identical_outputs(cli, ckpt, tmp
     assert side["architecture"] == "resnet18" and side["includes_fc"] is False and side["meta"]["part"] == "backbone"
     # the export is itself a checkpoint for every command
     again, head, info = load_backbone(out)
-    assert info["kind"] == "export" and head is None and info["classifier"] is None
+    assert info.kind == "export" and head is None and info.classifier is None
     with torch.no_grad():
         assert torch.equal(again(X), backbone(X))
     # the output is not overwritten without --force

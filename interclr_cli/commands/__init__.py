@@ -1,4 +1,5 @@
-"""The downstream commands as functions: linear-eval, finetune, knn, cluster, rankme, export.
+"""Every subcommand as a function (one module each): pretrain, linear-eval, finetune, knn, cluster,
+rankme, export; the CLI parses, calls one of them and prints its result.
 
 Each ``run_*`` resolves the checkpoint (:func:`load_backbone`), the config (a preset, by default
 the command's preset for the checkpoint's image size, with ``key=value`` overrides; the

@@ -1,8 +1,9 @@
 """`interclr cluster`: k-means of the frozen features, scored against labels when they exist.
 
 Features (backbone, or the projection head's embedding) are L2-normalised, optionally projected
-onto their top ``--pca`` principal components (then normalised again), and clustered with faiss
-k-means (on the GPU when one is in use and faiss-gpu is installed). Outputs in the run folder:
+onto their top ``--pca`` principal components (then normalised again), and clustered with
+:func:`~interclr_cli.eval.clustering.kmeans` on every point (faiss, on the GPUs when the command
+runs on CUDA and faiss-gpu is installed; a torch Lloyd without faiss). Outputs in the run folder:
 
 - ``assignments.csv``: ``path,cluster,distance`` per image, distance being the squared Euclidean
   distance to the centroid in the clustered space (normalised features: 2 - 2 cos);
@@ -31,70 +32,17 @@ from ..data import load_rgb
 from ..data.sources import FileIndex
 from ..errors import UserError
 from .contact_sheet import contact_sheet
+from ..eval.clustering import kmeans, pca_apply, pca_fit
 from ..eval.metrics import cluster_report
 from ..training.checkpoint import atomic_save
 from ..runtime import dist
+from ..runtime.device import process_device
 from ..runtime.progress import Reporter
 from ..training.rundir import MetricsLog, attach_file_log, detach_log
-from .common import close_run, open_run, prepare_backbone, rank_device, refuse_early, resolve_config, run_extract, single_folder, with_head
-from .loading import describe, load_backbone
+from .common import close_run, open_run, prepare_backbone, refuse_early, resolve_config, run_extract, single_folder, with_head
+from .loading import CheckpointInfo, load_backbone
 
 log = logging.getLogger("interclr")
-
-_CHUNK = 65536
-
-
-@torch.no_grad()
-def pca_fit(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean [D], components [dim, D]) of the rows of ``x``: the top eigenvectors of the covariance,
-    accumulated in float64 chunk by chunk (no centred copy of x), signs fixed so that each
-    component's largest-magnitude entry is positive."""
-    n, d = x.shape
-    mean = x.double().mean(0)
-    cov = torch.zeros(d, d, dtype=torch.float64, device=x.device)
-    for s in range(0, n, _CHUNK):
-        c = x[s:s + _CHUNK].double() - mean
-        cov += c.T @ c
-    cov /= max(n - 1, 1)
-    _, vecs = torch.linalg.eigh(cov)
-    comps = vecs[:, -dim:].flip(1).T  # [dim, D], largest variance first
-    idx = comps.abs().argmax(dim=1, keepdim=True)
-    comps = comps * torch.sign(comps.gather(1, idx))
-    return mean.float(), comps.float().contiguous()
-
-
-@torch.no_grad()
-def pca_apply(x: torch.Tensor, mean: torch.Tensor, comps: torch.Tensor) -> torch.Tensor:
-    return F.normalize((x - mean) @ comps.T, dim=1)
-
-
-def kmeans(x: np.ndarray, k: int, *, iters: int, seed: int, gpus: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-    """faiss k-means: (centroids [k, d], assignment [N], squared distance [N], final objective).
-
-    ``gpus > 0``: on the first ``gpus`` GPUs (faiss's ``Kmeans(gpu=n)`` replicates the flat
-    centroid index on each, ``index_cpu_to_all_gpus``, and splits every assignment pass's points
-    between them); 0: on the CPU."""
-    import faiss
-
-    km = faiss.Kmeans(x.shape[1], k, niter=iters, seed=seed, verbose=False, gpu=int(gpus) if gpus > 0 else False)
-    km.train(x)
-    sqdist, assign = km.index.search(x, 1)
-    obj = float(km.obj[-1]) if len(km.obj) else math.nan
-    return np.asarray(km.centroids), assign[:, 0].astype(np.int64), sqdist[:, 0].astype(np.float32), obj
-
-
-def faiss_gpus(device: torch.device) -> int:
-    """How many GPUs faiss k-means uses: every GPU faiss sees when the command runs on CUDA and
-    faiss has GPU support (faiss-gpu), else 0 (the CPU)."""
-    if device.type != "cuda":
-        return 0
-    try:
-        import faiss
-
-        return int(faiss.get_num_gpus()) if hasattr(faiss, "get_num_gpus") else 0
-    except ImportError:  # pragma: no cover - faiss is a dependency
-        return 0
-
 
 def nearest_per_cluster(assign: np.ndarray, dist: np.ndarray, clusters: np.ndarray, n: int) -> list[np.ndarray]:
     """For each id in ``clusters``, the positions of its ``n`` members nearest the centroid."""
@@ -155,15 +103,15 @@ def run_cluster(checkpoint: str, preset: Optional[str], overrides: list[str], *,
         k = len(index.classes)
     if not 1 <= k <= n:
         raise UserError(f"--k {k} must be between 1 and the number of images ({n}); choose a smaller --k or more images")
-    device = rank_device(cfg)
+    device = process_device(cfg.device)
     backbone = prepare_backbone(backbone, cfg, device)
     fn = backbone
     if features == "embedding":
         fn = with_head(backbone, head.to(device) if head is not None else None, info, "--features embedding").eval()
-    dim_in = info["feature_dim"] if features == "backbone" else int(info.get("embed_dim") or 0)
+    dim_in = info.feature_dim if features == "backbone" else int(info.embed_dim or 0)
     if pca < 0 or (pca and pca >= dim_in):
         raise UserError(f"--pca {pca} must be 0 (off) or below the feature dimension {dim_in}")
-    run_dir = open_run("cluster", cfg, out, force, {"source": info["source"], "arch": describe(info), "k": k,
+    run_dir = open_run("cluster", cfg, out, force, {"source": info.source, "arch": info.description, "k": k,
                                                      "features": features, "pca": pca, "iters": iters})
     handler = attach_file_log(run_dir / "train.log")
     try:
@@ -183,7 +131,7 @@ def run_cluster(checkpoint: str, preset: Optional[str], overrides: list[str], *,
 
 
 def _cluster_and_write(x: torch.Tensor, index: FileIndex, k: int, seed: int, device: torch.device, run_dir: Path, reporter,
-                       info: dict, *, features: str, pca: int, iters: int, sheet_clusters: int, sheet_images: int) -> dict:
+                       info: CheckpointInfo, *, features: str, pca: int, iters: int, sheet_clusters: int, sheet_images: int) -> dict:
     """Normalise, PCA, k-means and every output file of ``cluster`` (rank 0's part); the result dict."""
     n = len(index)
     x = F.normalize(x, dim=1)
@@ -192,23 +140,22 @@ def _cluster_and_write(x: torch.Tensor, index: FileIndex, k: int, seed: int, dev
         mean, comps = pca_fit(x, pca)
         x = pca_apply(x, mean, comps)
         tensors.update({"pca.mean": mean, "pca.components": comps})
-    ngpu = faiss_gpus(device)
-    task = reporter.task(f"k-means k={k} ({f'{ngpu} GPU' if ngpu else 'CPU'})", total=None)
+    task = reporter.task(f"k-means k={k}", total=None)
     t0 = time.perf_counter()
-    centroids, assign, sqdist, obj = kmeans(x.cpu().numpy().astype(np.float32, copy=False), k, iters=iters, seed=seed, gpus=ngpu)
+    km = kmeans(x, k, iters=iters, seed=seed, use_gpu=device.type == "cuda")
+    centroids, assign, sqdist, obj = km.centroids.cpu(), km.labels.cpu().numpy(), km.sqdist.cpu().numpy(), km.objective
     reporter.finish(task)
-    reporter.print(f"k-means: k={k} on {n} x {x.shape[1]} features in {time.perf_counter() - t0:.1f}s"
-                   + (f" on {ngpu} GPU{'s' if ngpu > 1 else ''}" if ngpu else ""))
+    reporter.print(f"k-means: k={k} on {n} x {x.shape[1]} features in {time.perf_counter() - t0:.1f}s ({km.where})")
     assignments = run_dir / "assignments.csv"
     with open(assignments, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["path", "cluster", "distance"])
         w.writerows(zip(index.paths, assign.tolist(), np.round(sqdist.astype(np.float64), 6).tolist()))
-    tensors["centroids"] = torch.from_numpy(centroids)
+    tensors["centroids"] = centroids
     centroid_path = run_dir / "centroids.safetensors"
     atomic_save(tensors, centroid_path, {"format": "interclr-centroids", "k": str(k), "features": features,
-                                         "pca": str(pca), "normalized": "true", "source": info["source"],
-                                         "arch": info["arch"], "small_stem": str(info["small_stem"]).lower()})
+                                         "pca": str(pca), "normalized": "true", "source": info.source,
+                                         "arch": info.arch, "small_stem": str(info.small_stem).lower()})
     sheet = run_dir / "clusters.png"
     rows = write_contact_sheet(sheet, index, assign, sqdist, k, sheet_clusters, sheet_images) if sheet_clusters else []
     sizes = np.bincount(assign, minlength=k)
@@ -219,7 +166,7 @@ def _cluster_and_write(x: torch.Tensor, index: FileIndex, k: int, seed: int, dev
         rep = cluster_report(np.asarray(index.labels), assign)
         result.update({"nmi": rep["nmi"], "ari": rep["ari"], "ami": _finite(rep["ami"]), "purity": rep["purity"],
                        "accuracy": rep["hungarian_accuracy"], "num_classes": rep["num_classes"]})
-    result.update({"sheet_rows": rows, "source": info["source"], "arch": describe(info), "run_dir": str(run_dir)})
+    result.update({"sheet_rows": rows, "source": info.source, "arch": info.description, "run_dir": str(run_dir)})
     MetricsLog(run_dir / "metrics.jsonl").write({"type": "cluster", **{key: result[key] for key in
                                                  ("k", "nmi", "ari", "ami", "purity", "accuracy", "objective") if key in result}})
     return result

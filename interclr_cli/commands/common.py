@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import zlib
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -18,11 +17,10 @@ from ..data import EpochBatchSampler, ImageDataset, eval_transform, index_source
 from ..data.sources import FileIndex
 from ..errors import UserError
 from ..runtime import dist
-from ..runtime.device import memory_format, select_device
-from ..training.features import extract
-from ..training.optim import scaled_lr
+from ..runtime.device import memory_format
+from ..training.features import extract, same_files
 from ..training.rundir import check_run_dir, default_run_dir, prepare_run_dir
-from .loading import describe
+from .loading import CheckpointInfo
 
 log = logging.getLogger("interclr")
 
@@ -40,18 +38,18 @@ DEFAULT_PRESETS = {
 }
 
 
-def is_small(info: dict) -> bool:
+def is_small(info: CheckpointInfo) -> bool:
     """Small-image settings: a small stem, or a training image size of at most 64 px."""
-    size = info.get("image_size")
-    return bool(info["small_stem"]) or (size is not None and int(size) <= SMALL_IMAGE)
+    size = info.image_size
+    return bool(info.small_stem) or (size is not None and int(size) <= SMALL_IMAGE)
 
 
-def default_preset(command: str, info: dict) -> str:
+def default_preset(command: str, info: CheckpointInfo) -> str:
     small, large = DEFAULT_PRESETS[command]
     return small if is_small(info) else large
 
 
-def resolve_config(command: str, preset: Optional[str], overrides: list[str], info: dict) -> Config:
+def resolve_config(command: str, preset: Optional[str], overrides: list[str], info: CheckpointInfo) -> Config:
     """The preset (or the command's default for this checkpoint) with overrides applied.
 
     The architecture comes from the checkpoint: ``model.arch``/``model.small_stem`` set by the
@@ -62,22 +60,22 @@ def resolve_config(command: str, preset: Optional[str], overrides: list[str], in
     cfg = config_from_mapping(mapping)
     given = mapping.get("model") or {}
     for key in ("arch", "small_stem"):
-        if key in given and getattr(cfg.model, key) != info[key]:
+        if key in given and getattr(cfg.model, key) != getattr(info, key):
             raise UserError(
-                f"the checkpoint {info['source']} is a {describe(info)} but the config sets model.{key}={getattr(cfg.model, key)} "
+                f"the checkpoint {info.source} is a {info.description} but the config sets model.{key}={getattr(cfg.model, key)} "
                 f"(from --preset {name} or an override); drop model.{key}: the architecture always comes from the checkpoint"
             )
-    cfg.model.arch, cfg.model.small_stem = info["arch"], info["small_stem"]
-    if info.get("embed_dim"):
-        cfg.model.embed_dim = int(info["embed_dim"])
-    if info.get("head_hidden"):
-        cfg.model.head_hidden = int(info["head_hidden"])
+    cfg.model.arch, cfg.model.small_stem = info.arch, info.small_stem
+    if info.embed_dim:
+        cfg.model.embed_dim = int(info.embed_dim)
+    if info.head_hidden:
+        cfg.model.head_hidden = int(info.head_hidden)
     if not cfg.name:
         cfg.name = Path(name).stem
     validate(cfg)
     if not preset:
-        log.info("no --preset given: using %s (the default of %s for a %s%s)", name, command, describe(info),
-                 f" trained at {info['image_size']} px" if info.get("image_size") else "")
+        log.info("no --preset given: using %s (the default of %s for a %s%s)", name, command, info.description,
+                 f" trained at {info.image_size} px" if info.image_size else "")
     return cfg
 
 
@@ -98,30 +96,6 @@ def refuse_early(command: str, out: Optional[str], force: bool) -> None:
         check_run_dir(Path(out), force=force)
 
 
-def rank_device(cfg: Config) -> torch.device:
-    """``device`` from the config; under a launcher with GPUs every rank uses its own GPU
-    (``LOCAL_RANK``, set up by :func:`~interclr_cli.runtime.launch.init_distributed`), as in pretraining."""
-    device = select_device(cfg.device)
-    if dist.is_dist() and device.type == "cuda" and device.index not in (None, torch.cuda.current_device()):
-        log.warning(f"device={cfg.device} ignored under a distributed launch: rank {dist.rank()} uses its own GPU (LOCAL_RANK)")
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
-def global_lr(cfg: Config) -> tuple[int, float]:
-    """(global batch, base learning rate): ``train.batch_size`` is per process, and ``optim.lr``
-    is scaled with the global batch by :func:`~interclr_cli.training.optim.scaled_lr` (the rule of
-    pretraining: ``lr x global_batch / optim.reference_batch``, unscaled when that is 0)."""
-    world = dist.world_size()
-    batch = cfg.train.batch_size * world
-    lr = scaled_lr(cfg.optim, batch)
-    if world > 1 or cfg.optim.reference_batch > 0:
-        log.info(f"global batch {batch} ({world} x {cfg.train.batch_size}); lr {lr:.4g}"
-                 + (f" = {cfg.optim.lr:g} x {batch}/{cfg.optim.reference_batch} (linear scaling rule)"
-                    if cfg.optim.reference_batch > 0 else " (optim.reference_batch=0: not scaled)"))
-    return batch, lr
-
-
 def supervised_loader(index: FileIndex, cfg: Config, *, drop_last: bool):
     """(loader, sampler) of labelled training images with the linear-eval/finetune augmentation,
     each process on its slice of every global batch. Under a distributed launch an unreadable
@@ -131,14 +105,6 @@ def supervised_loader(index: FileIndex, cfg: Config, *, drop_last: bool):
     sampler = EpochBatchSampler(len(index), cfg.train.batch_size, replacement=False, seed=cfg.seed,
                                 rank=dist.rank(), world_size=world, drop_last=drop_last)
     return loader_from_config(dataset, sampler, cfg.data), sampler
-
-
-def epoch_totals(loss_sum: torch.Tensor, seen: int, skipped: int) -> tuple[float, int, int]:
-    """(mean training loss, images, skipped images) of an epoch over every rank's share (one all-reduce)."""
-    t = torch.stack([loss_sum.detach().double(), loss_sum.new_tensor(float(seen), dtype=torch.float64),
-                     loss_sum.new_tensor(float(skipped), dtype=torch.float64)])
-    total, seen_all, skipped_all = dist.all_reduce_sum(t).tolist()
-    return total / max(seen_all, 1), int(seen_all), int(skipped_all)
 
 
 def open_run(command: str, cfg: Config, out: Optional[str], force: bool, extra: Optional[dict] = None) -> Path:
@@ -163,15 +129,6 @@ def close_run(run_dir: Path, result: dict) -> None:
         if ck.is_dir() and not any(ck.iterdir()):
             ck.rmdir()
     dist.barrier()
-
-
-def same_files(index: FileIndex, what: str) -> FileIndex:
-    """Distributed: raise on every rank unless every rank lists the same files for ``what`` (the
-    sharded extraction and the sampler index into one list)."""
-    if dist.is_dist():
-        digest = zlib.crc32("\n".join(index.paths).encode("utf-8", "surrogateescape"))
-        dist.check_same((len(index), digest), f"the file list of {what} (count, crc32)")
-    return index
 
 
 def labelled_splits(cfg: Config) -> tuple[FileIndex, FileIndex]:
@@ -222,10 +179,10 @@ def run_extract(fns: Callable, index: FileIndex, cfg: Config, device: torch.devi
                    description=description, aug_seed=aug_seed)
 
 
-def with_head(backbone: nn.Module, head: Optional[nn.Module], info: dict, what: str) -> nn.Module:
+def with_head(backbone: nn.Module, head: Optional[nn.Module], info: CheckpointInfo, what: str) -> nn.Module:
     if head is None:
         raise UserError(
-            f"{info['source']} has no projection head ({info['kind']} {describe(info)}), so {what} needs backbone features; "
+            f"{info.source} has no projection head ({info.kind} {info.description}), so {what} needs backbone features; "
             "use a pretrain checkpoint for the embedding"
         )
     return nn.Sequential(backbone, head)

@@ -93,7 +93,7 @@ def sidecar(out: Path, fmt: str) -> Path:
 
 
 def _default_out(info: dict, part: str, fmt: str) -> Path:
-    src = str(info["source"])
+    src = str(info.source)
     stem = src.replace(":", "-") if src.startswith("random:") else Path(src).stem
     return Path(f"{stem}-{part}{SUFFIX[fmt]}")
 
@@ -130,80 +130,52 @@ def _onnx_check(path: Path, module: nn.Module, example: torch.Tensor) -> Optiona
     return diff
 
 
-def run_export(checkpoint: Optional[str], preset: Optional[str], overrides: list[str], *, fmt: str = "torchvision",
-               part: Optional[str] = None, out: Optional[str] = None, classifier: Optional[str] = None,
-               from_torchvision: Optional[str] = None, from_moco: Optional[str] = None, force: bool = False) -> dict:
-    sources = [s for s in (checkpoint, from_torchvision, from_moco) if s]
-    if len(sources) != 1:
-        raise UserError("give exactly one input: a checkpoint path, --from-torchvision PATH or --from-moco PATH")
-    if fmt not in FORMATS:
-        raise UserError(f"--format must be one of {', '.join(FORMATS)}; got {fmt!r}")
-    if part is not None and part not in PARTS:
-        raise UserError(f"--part must be one of {', '.join(PARTS)}; got {part!r}")
+def _inputs(checkpoint, from_torchvision, from_moco, classifier, part):
+    """(backbone, head, info, classifier dict or None, class names, part) of the export's input."""
     if checkpoint:
         backbone, head, info = load_backbone(checkpoint)
     else:
         backbone, head, info = load_foreign(from_torchvision or from_moco, "torchvision" if from_torchvision else "moco")
-    cfg = resolve_config("export", preset, overrides, info)
-    fc = info["classifier"]
-    classes = info.get("classes")
+    fc, classes = info.classifier, info.classes
     if classifier:
         clf = read_classifier(classifier)
-        fp = backbone_fingerprint(backbone)
-        if clf["fingerprint"] != fp:
+        if clf["fingerprint"] != backbone_fingerprint(backbone):
             raise UserError(f"--classifier {classifier} was trained on another backbone ({clf['source']}); "
-                            f"pass the checkpoint it was trained on instead of {info['source']}")
+                            f"pass the checkpoint it was trained on instead of {info.source}")
         fc, classes = {"weight": clf["weight"], "bias": clf["bias"]}, clf["classes"]
     if part is None:
         part = "classifier" if fc is not None else "backbone"
     if part == "classifier" and fc is None:
-        raise UserError(f"{info['source']} has no classifier; pass --classifier runs/<linear-eval run>/classifier.safetensors, "
+        raise UserError(f"{info.source} has no classifier; pass --classifier runs/<linear-eval run>/classifier.safetensors, "
                         "export a finetune checkpoint, or use --part backbone")
     if part == "embedding" and head is None:
-        raise UserError(f"{info['source']} has no projection head, so there is no embedding to export; use --part backbone")
-    if part == "embedding" and fmt == "torchvision":
-        raise UserError("torchvision models have no projection head: --part embedding needs --format torchscript or onnx")
-    out_path = Path(out) if out else _default_out(info, part, fmt)
-    _check_out(out_path, fmt, force)
-    meta = {"source": info["source"], "kind": info["kind"], "part": part, "classes": classes if part == "classifier" else None,
-            "epoch": info.get("epoch"), "interclr_version": _version()}
-    result = {"path": str(out_path), "format": fmt, "part": part, "arch": info["arch"], "small_stem": info["small_stem"],
-              "source": info["source"]}
-    if fmt == "torchvision":
-        json_path = write_torchvision_export(
-            backbone_state_dict(backbone), out_path, arch=info["arch"], small_stem=info["small_stem"],
-            image_size=cfg.data.image_size, mean=cfg.data.mean, std=cfg.data.std,
-            fc=fc if part == "classifier" else None, extra_meta=meta, resize=max(cfg.data.eval_resize, cfg.data.image_size))
-        result.update({"json": str(json_path), "num_classes": int(fc["weight"].shape[0]) if part == "classifier" else None})
-        return result
+        raise UserError(f"{info.source} has no projection head, so there is no embedding to export; use --part backbone")
+    return backbone, head, info, fc, classes, part
+
+
+def _module(backbone: nn.Module, head: Optional[nn.Module], fc: Optional[dict], part: str) -> nn.Module:
+    """The network of ``part`` for tracing (eval mode, float32)."""
     backbone.fc = nn.Identity()
     if part == "backbone":
-        module: nn.Module = backbone
-    elif part == "embedding":
-        module = nn.Sequential(backbone, head)
-    else:
-        linear = nn.Linear(fc["weight"].shape[1], fc["weight"].shape[0])
-        with torch.no_grad():
-            linear.weight.copy_(fc["weight"])
-            linear.bias.copy_(fc["bias"])
-        module = nn.Sequential(backbone, linear)
-    module = module.eval().float()
-    size = cfg.data.image_size
-    example = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+        return backbone.eval().float()
+    if part == "embedding":
+        return nn.Sequential(backbone, head).eval().float()
+    linear = nn.Linear(fc["weight"].shape[1], fc["weight"].shape[0])
     with torch.no_grad():
-        out_dim = int(module(example).shape[1])
-    diff = None
-    if fmt == "torchscript":
-        export_torchscript(module, example, out_path)
-    else:
-        export_onnx(module, example, out_path)
-        diff = _onnx_check(out_path, module, example)
-    side = {
+        linear.weight.copy_(fc["weight"])
+        linear.bias.copy_(fc["bias"])
+    return nn.Sequential(backbone, linear).eval().float()
+
+
+def _traced_sidecar(out_path: Path, fmt: str, part: str, info, cfg, out_dim: int, meta: dict) -> dict:
+    """The ``.json`` description beside a TorchScript or ONNX export."""
+    size = cfg.data.image_size
+    return {
         "format": f"interclr-{fmt}-export",
         "version": 1,
         "file": out_path.name,
-        "architecture": info["arch"],
-        "small_stem": info["small_stem"],
+        "architecture": info.arch,
+        "small_stem": info.small_stem,
         "part": part,
         "input": {"name": "input", "shape": ["batch", 3, size, size], "dtype": "float32"},
         "output": {"name": "output", "shape": ["batch", out_dim],
@@ -215,9 +187,54 @@ def run_export(checkpoint: Optional[str], preset: Optional[str], overrides: list
                  else "onnxruntime.InferenceSession(file).run(None, {'input': x})"),
         "meta": meta,
     }
+
+
+def _export_traced(module: nn.Module, out_path: Path, fmt: str, part: str, info, cfg, meta: dict) -> dict:
+    """Trace ``module`` to TorchScript or ONNX (checked against PyTorch) and write its ``.json``."""
+    size = cfg.data.image_size
+    example = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out_dim = int(module(example).shape[1])
+    diff = None
+    if fmt == "torchscript":
+        export_torchscript(module, example, out_path)
+    else:
+        export_onnx(module, example, out_path)
+        diff = _onnx_check(out_path, module, example)
     json_path = sidecar(out_path, fmt)
-    json_path.write_text(json.dumps(side, indent=2, default=str) + "\n")
-    result.update({"json": str(json_path), "output_dim": out_dim, "max_abs_diff": diff,
-                   "num_classes": out_dim if part == "classifier" else None})
-    log.info("exported the %s of %s (%s) to %s", part, info["source"], describe(info), out_path)
+    json_path.write_text(json.dumps(_traced_sidecar(out_path, fmt, part, info, cfg, out_dim, meta), indent=2, default=str) + "\n")
+    return {"json": str(json_path), "output_dim": out_dim, "max_abs_diff": diff, "num_classes": out_dim if part == "classifier" else None}
+
+
+def run_export(checkpoint: Optional[str], preset: Optional[str], overrides: list[str], *, fmt: str = "torchvision",
+               part: Optional[str] = None, out: Optional[str] = None, classifier: Optional[str] = None,
+               from_torchvision: Optional[str] = None, from_moco: Optional[str] = None, force: bool = False) -> dict:
+    """Export a checkpoint (or foreign weights) as torchvision safetensors, TorchScript or ONNX;
+    the JSON-ready result: ``path``, ``json``, ``format``, ``part`` ..."""
+    sources = [s for s in (checkpoint, from_torchvision, from_moco) if s]
+    if len(sources) != 1:
+        raise UserError("give exactly one input: a checkpoint path, --from-torchvision PATH or --from-moco PATH")
+    if fmt not in FORMATS:
+        raise UserError(f"--format must be one of {', '.join(FORMATS)}; got {fmt!r}")
+    if part is not None and part not in PARTS:
+        raise UserError(f"--part must be one of {', '.join(PARTS)}; got {part!r}")
+    backbone, head, info, fc, classes, part = _inputs(checkpoint, from_torchvision, from_moco, classifier, part)
+    cfg = resolve_config("export", preset, overrides, info)
+    if part == "embedding" and fmt == "torchvision":
+        raise UserError("torchvision models have no projection head: --part embedding needs --format torchscript or onnx")
+    out_path = Path(out) if out else _default_out(info, part, fmt)
+    _check_out(out_path, fmt, force)
+    meta = {"source": info.source, "kind": info.kind, "part": part, "classes": classes if part == "classifier" else None,
+            "epoch": info.epoch, "interclr_version": _version()}
+    result = {"path": str(out_path), "format": fmt, "part": part, "arch": info.arch, "small_stem": info.small_stem,
+              "source": info.source}
+    if fmt == "torchvision":
+        json_path = write_torchvision_export(
+            backbone_state_dict(backbone), out_path, arch=info.arch, small_stem=info.small_stem,
+            image_size=cfg.data.image_size, mean=cfg.data.mean, std=cfg.data.std,
+            fc=fc if part == "classifier" else None, extra_meta=meta, resize=max(cfg.data.eval_resize, cfg.data.image_size))
+        result.update({"json": str(json_path), "num_classes": int(fc["weight"].shape[0]) if part == "classifier" else None})
+        return result
+    result.update(_export_traced(_module(backbone, head, fc, part), out_path, fmt, part, info, cfg, meta))
+    log.info("exported the %s of %s (%s) to %s", part, info.source, info.description, out_path)
     return result

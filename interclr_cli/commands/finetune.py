@@ -13,7 +13,7 @@ continues bit-identically with ``--resume`` (the sampler and the augmentations a
 the seed, epoch and position; every other random state is in the checkpoint).
 
 Distributed (torchrun/srun): as pretraining. ``train.batch_size`` is per process, the learning
-rates follow the global batch (:func:`~interclr_cli.commands.common.global_lr`), every
+rates follow the global batch (:func:`~interclr_cli.training.optim.global_lr`), every
 process trains on its slice of each global batch under DistributedDataParallel, ``model.sync_bn``
 synchronises the backbone's BatchNorm over the global batch (else BatchNorm is per process and
 the running statistics are rank 0's), validation is extracted sharded, rank 0 alone writes the
@@ -23,8 +23,6 @@ run folder, and on ``--resume`` every process loads the same checkpoint (checked
 from __future__ import annotations
 
 import logging
-import math
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -33,25 +31,26 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config.loader import apply_overrides, config_from_mapping, to_mapping, validate
 from ..config.schema import Config
 from ..data.sources import FileIndex
-from ..errors import UserError, WorkError
+from ..errors import UserError
+from ..eval.linear import score_classifier
 from ..eval.subsets import stratified_subset, subset_from_list
 from ..models import FEATURE_DIMS, build_backbone
-from ..training.checkpoint import TrainingCheckpoint, check_compatible, checkpoint_name, list_checkpoints, load_optimizer, prune_checkpoints, restore_rng, save_training_checkpoint
 from ..runtime import dist
 from ..runtime.ddp import convert_sync_bn, ddp_module, sync_bn_buffers
-from ..runtime.device import autocast, memory_format
-from ..training.features import subset_index
-from ..training.optim import build_optimizer, lr_factor, set_lr
-from .pretrain import resolve_resume
+from ..runtime.device import autocast, memory_format, process_device
 from ..runtime.progress import Reporter
-from ..training.rundir import MetricsLog, attach_file_log, detach_log, prepare_run_dir
-from ..training.pretraining import load_run_config, seed_everything
-from .common import close_run, epoch_totals, global_lr, labelled_splits, open_run, rank_device, refuse_early, resolve_config, run_extract, supervised_loader
+from ..runtime.seed import seed_everything
+from ..training.checkpoint import TrainingCheckpoint, list_checkpoints
+from ..training.features import subset_index
+from ..training.loop import Position, StepTask, TaskState, TrainLoop
+from ..training.optim import build_optimizer, global_lr
+from ..training.resume import load_model_state, open_resume, restore_training
+from ..training.rundir import MetricsLog, file_log, prepare_run_dir
+from .common import close_run, labelled_splits, open_run, refuse_early, resolve_config, run_extract, supervised_loader
 from .linear_eval import new_linear
-from .loading import describe, load_backbone
+from .loading import CheckpointInfo, load_backbone
 
 log = logging.getLogger("interclr")
 
@@ -100,7 +99,7 @@ def read_subset_paths(path: Path) -> list[str]:
     return out
 
 
-def _evaluate(model: nn.Module, val: FileIndex, cfg: Config, device, reporter) -> dict:
+def evaluate(model: nn.Module, val: FileIndex, cfg: Config, device, reporter) -> dict:
     """Validation loss and top-1/top-5 of ``model`` (not its DDP wrapper: the extraction is
     sharded, so ranks may run different numbers of batches), with rank 0's BN statistics."""
     sync_bn_buffers(model)
@@ -110,34 +109,65 @@ def _evaluate(model: nn.Module, val: FileIndex, cfg: Config, device, reporter) -
         (logits,), y = run_extract(model, val, cfg, device, reporter, "val")
     finally:
         model.train(was)
-    y = y.to(device)
-    loss = F.cross_entropy(logits, y)
-    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-    hit = top == y[:, None]
-    vals = torch.stack([loss, hit[:, 0].float().mean(), hit.any(dim=1).float().mean()]).tolist()
-    return {"val_loss": vals[0], "top1": 100.0 * vals[1], "top5": 100.0 * vals[2]}
+    return score_classifier(lambda x: x, logits, y.to(device))
+
+
+class FinetuneTask(StepTask):
+    """One fine-tuning step (cross-entropy of the whole network, through DDP when distributed), a
+    validation pass after every epoch, and the network's state for checkpoints."""
+
+    epoch_name = "finetune epoch"
+    label = "finetune"
+
+    def __init__(self, cfg: Config, model: "FinetuneNet", net: nn.Module, optimizer, val: FileIndex, device, reporter,
+                 info: dict, last: dict):
+        self.cfg, self.model, self.net, self.optimizer, self.val = cfg, model, net, optimizer, val
+        self.device, self.reporter, self.info, self.last = device, reporter, info, last
+        self.fmt = memory_format(cfg.train.channels_last)
+
+    def on_epoch_start(self, epoch: int) -> None:
+        self.model.train()  # the loaded backbone comes in eval mode; validation restores the mode
+
+    def forward(self, batch: dict, pos: Position):
+        x = batch["image"].to(self.device, non_blocking=True).to(memory_format=self.fmt)
+        y = batch["label"].to(self.device, non_blocking=True)
+        with autocast(self.device, self.cfg.train.precision):
+            logits = self.net(x)
+        return F.cross_entropy(logits.float(), y), {}
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def step_record(self) -> dict[str, float]:
+        return {"head_lr": self.optimizer.param_groups[1]["lr"]}
+
+    def end_epoch(self, record: dict, last: bool) -> tuple[dict, str]:
+        self.last = evaluate(self.model, self.val, self.cfg, self.device, self.reporter)
+        return dict(self.last), f"val top-1 {self.last['top1']:.2f}  top-5 {self.last['top5']:.2f}"
+
+    def state(self) -> TaskState:
+        sync_bn_buffers(self.model)  # rank 0's running statistics (a no-op on one process)
+        return TaskState(model=self.model.state_dict(), kind="finetune", info={**self.info, "metrics": self.last})
+
+
+def _resume_backbone(resume: str, out: Optional[str], overrides: list[str], force: bool, checkpoint: Optional[str]):
+    """--resume: (run folder, checkpoint, config, fresh backbone, info) of the run to continue."""
+    run_dir, ck, cfg = open_resume(resume, out, overrides, kind="finetune", force=force)
+    if checkpoint:
+        log.info("resuming %s: the weights come from %s, not from %s", run_dir, ck.path.name, checkpoint)
+    backbone, _ = build_backbone(cfg.model.arch, cfg.model.small_stem)
+    info = CheckpointInfo(source=ck.info.get("source", str(ck.path)), kind="finetune", arch=cfg.model.arch,
+                          small_stem=cfg.model.small_stem, feature_dim=FEATURE_DIMS[cfg.model.arch])
+    return run_dir, ck, cfg, backbone, info
 
 
 def run_finetune(checkpoint: Optional[str], preset: Optional[str], overrides: list[str], *, out: Optional[str],
                  resume: Optional[str] = None, force: bool = False, show_progress: bool = True) -> dict:
+    """Fine-tune ``checkpoint`` (or continue the run ``resume`` names); the JSON-ready result:
+    ``top1``, ``top5``, ``checkpoint``, ``num_labelled``, ``subset``, ``run_dir`` ..."""
     ck = None
     if resume is not None:
-        if force:
-            raise UserError("--resume and --force contradict each other; use one")
-        run_dir, ckpt_path = resolve_resume(resume, out)
-        ck = TrainingCheckpoint(ckpt_path)
-        dist.check_same((ck.path.name, ck.step), "the checkpoint to resume from")
-        if ck.kind != "finetune":
-            raise UserError(f"{ck.path} is a {ck.kind} checkpoint; --resume continues a finetune run (give its folder or one of its checkpoints)")
-        base = load_run_config(run_dir) if (run_dir / "config.yaml").is_file() else ck.config
-        cfg = config_from_mapping(apply_overrides(base, overrides))
-        validate(cfg)
-        check_compatible(ck.config, to_mapping(cfg), ck.path)
-        if checkpoint:
-            log.info("resuming %s: the weights come from %s, not from %s", run_dir, ck.path.name, checkpoint)
-        backbone, _ = build_backbone(cfg.model.arch, cfg.model.small_stem)
-        info = {"source": ck.info.get("source", str(ck.path)), "arch": cfg.model.arch, "small_stem": cfg.model.small_stem,
-                "feature_dim": FEATURE_DIMS[cfg.model.arch]}
+        run_dir, ck, cfg, backbone, info = _resume_backbone(resume, out, overrides, force, checkpoint)
     else:
         refuse_early("finetune", out, force)
         if not checkpoint:
@@ -153,162 +183,64 @@ def run_finetune(checkpoint: Optional[str], preset: Optional[str], overrides: li
     if len(train) < world_batch:
         raise UserError(f"the labelled subset has {len(train)} images ({how}), fewer than one "
                         f"{'global ' if dist.world_size() > 1 else ''}batch ({world_batch}); lower train.batch_size or use more labels")
-    device = rank_device(cfg)
+    device = process_device(cfg.device)
     if ck is not None:
         saved = run_dir / SUBSET_FILE
         if saved.is_file() and read_subset_paths(saved) != list(train.paths):
             raise UserError(f"the labelled subset differs from the one in {saved} (the data or the list changed); resume with the same data")
         prepare_run_dir(run_dir, resume=True, force=False)
     else:
-        run_dir = open_run("finetune", cfg, out, force, {"source": info["source"], "arch": describe(info), "subset": how})
+        run_dir = open_run("finetune", cfg, out, force, {"source": info.source, "arch": info.description, "subset": how})
         if dist.is_main():
             write_subset(run_dir / SUBSET_FILE, train, how)
     return _fit(cfg, run_dir, device, backbone, info, train, val, how, ck, show_progress)
 
 
-def _fit(cfg: Config, run_dir: Path, device: torch.device, backbone: nn.Module, info: dict, train: FileIndex, val: FileIndex, how: str,
-         ck: Optional[TrainingCheckpoint], show_progress: bool) -> dict:
+def _fit(cfg: Config, run_dir: Path, device: torch.device, backbone: nn.Module, info: CheckpointInfo, train: FileIndex,
+         val: FileIndex, how: str, ck: Optional[TrainingCheckpoint], show_progress: bool) -> dict:
     seed_everything(cfg.seed)
-    num_classes = len(train.classes)
-    model = FinetuneNet(backbone, info["feature_dim"], num_classes, cfg.seed).to(device)
-    fmt = memory_format(cfg.train.channels_last)
+    model = FinetuneNet(backbone, info.feature_dim, len(train.classes), cfg.seed).to(device)
     if cfg.train.channels_last:
-        model = model.to(memory_format=fmt)
+        model = model.to(memory_format=memory_format(True))
     # model.sync_bn: the backbone's BatchNorm over the global batch (a no-op on one process)
     model = convert_sync_bn(model, sync_bn=cfg.model.sync_bn, key_bn="none", device=device)
     groups = [{"params": list(model.backbone.parameters())},
               {"params": list(model.fc.parameters()), "lr_mult": cfg.optim.head_lr_mult}]
-    _, lr0 = global_lr(cfg)
+    _, lr0 = global_lr(cfg.optim, cfg.train.batch_size, dist.world_size())
     optimizer = build_optimizer(cfg.optim, groups, lr0)
-    world = dist.world_size()
     loader, sampler = supervised_loader(train, cfg, drop_last=True)
-    spe = sampler.steps_per_epoch
-    total = spe * cfg.train.epochs
-    limit = min(total, cfg.train.max_steps) if cfg.train.max_steps else total
-    ckpt_dir = run_dir / "checkpoints"
-    epoch = step = step_in_epoch = 0
-    last: dict = {}
+    pos, last, ckpt_dir = Position(), {}, run_dir / "checkpoints"
     if ck is not None:
-        state = ck.section("model")
-        want = model.state_dict()
-        bad = [k for k in want if k not in state or tuple(state[k].shape) != tuple(want[k].shape)]
-        if bad or len(state) != len(want):
-            raise UserError(f"checkpoint {ck.path.name} does not match this model (e.g. {bad[0] if bad else 'extra tensors'}); resume with the run's own data and config")
-        model.load_state_dict(state)
-        load_optimizer(optimizer, ck.tensors, ck.optimizer_meta)
-        restore_rng(ck.tensors, ck.rng_meta)
-        epoch, step, step_in_epoch = ck.epoch, ck.step, ck.step_in_epoch
-        if step_in_epoch >= spe:
-            epoch, step_in_epoch = epoch + 1, 0
+        load_model_state(model, ck.section("model"), ck)
+        pos = restore_training(ck, optimizer)
         last = dict(ck.info.get("metrics", {}))
-        log.info("resumed from %s at epoch %d, step %d", ck.path, epoch, step)
     net = ddp_module(model, device)  # training steps go through the wrapper; evaluation and saving use model
-    metrics = MetricsLog(run_dir / "metrics.jsonl")
     reporter = Reporter(enabled=show_progress)
-    last_ckpt = list_checkpoints(ckpt_dir)[-1] if ck is not None and list_checkpoints(ckpt_dir) else None
-    ck_info = {"classes": list(train.classes), "source": info["source"], "subset": how, "num_labelled": len(train)}
-
-    def save(ep: int, st: int, sie: int) -> Path:
-        path = ckpt_dir / checkpoint_name(ep, st)
-        sync_bn_buffers(model)  # rank 0's running statistics (a no-op on one process)
-        if dist.is_main():
-            save_training_checkpoint(path, model_state=model.state_dict(), extra_state={}, optimizer=optimizer,
-                                     config=to_mapping(cfg), epoch=ep, step=st, step_in_epoch=sie, kind="finetune",
-                                     info={**ck_info, "metrics": last})
-            prune_checkpoints(ckpt_dir, cfg.train.keep_last)
-        dist.barrier()
-        return path
-
-    done = step >= limit
-    handler = attach_file_log(run_dir / "train.log")
-    try:
-        log.info("finetune of %s (%s): %d labelled images (%s), %d classes, %d val images", info["source"], describe(info),
-                 len(train), how, num_classes, len(val))
+    ck_info = {"classes": list(train.classes), "source": info.source, "subset": how, "num_labelled": len(train)}
+    task = FinetuneTask(cfg, model, net, optimizer, val, device, reporter, ck_info, last)
+    loop = TrainLoop(cfg, task, optimizer, loader, sampler, device=device, metrics=MetricsLog(run_dir / "metrics.jsonl"),
+                     reporter=reporter, ckpt_dir=ckpt_dir)
+    previous = list_checkpoints(ckpt_dir)[-1:] if ck is not None else []
+    with file_log(run_dir / "train.log"):
+        log.info("finetune of %s (%s): %d labelled images (%s), %d classes, %d val images", info.source, info.description,
+                 len(train), how, len(train.classes), len(val))
         with reporter:
-            model.train()
-            while epoch < cfg.train.epochs and not done:
-                sampler.set_epoch(epoch, step_in_epoch)
-                task = reporter.task(f"finetune epoch {epoch + 1}/{cfg.train.epochs}", total=spe)
-                reporter.update(task, advance=step_in_epoch)
-                loss_sum = torch.zeros((), device=device)
-                seen = skipped = ilog = 0
-                t0 = tlog = time.perf_counter()
-                lr = optimizer.param_groups[0]["lr"]
-                for batch in loader:
-                    skipped += int(batch.get("skipped", 0))
-                    bsz = batch["index"].numel()
-                    if bsz == 0:
-                        step_in_epoch += 1
-                        continue
-                    x = batch["image"].to(device, non_blocking=True).to(memory_format=fmt)
-                    y = batch["label"].to(device, non_blocking=True)
-                    lr = set_lr(optimizer, lr_factor(cfg.optim, step, spe, total))
-                    with autocast(device, cfg.train.precision):
-                        logits = net(x)
-                    loss = F.cross_entropy(logits.float(), y)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if cfg.optim.grad_clip > 0:
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-                    optimizer.step()
-                    step += 1
-                    step_in_epoch += 1
-                    loss_sum += loss.detach() * bsz
-                    seen += bsz
-                    ilog += bsz * world
-                    if step % cfg.train.log_every == 0 or step_in_epoch == spe or step >= limit:
-                        loss_v = dist.all_reduce_mean(loss.detach()).item()  # the one sync per logging interval
-                        if not math.isfinite(loss_v):
-                            raise WorkError(f"finetune loss became {loss_v} at step {step}; the last good checkpoint is kept"
-                                            f"{' at ' + str(last_ckpt) if last_ckpt else ''}; lower optim.lr or set optim.grad_clip")
-                        now = time.perf_counter()
-                        rate = ilog / max(now - tlog, 1e-9)
-                        tlog, ilog = now, 0
-                        metrics.write({"type": "step", "epoch": epoch + 1, "step": step, "loss": loss_v, "lr": lr,
-                                       "head_lr": optimizer.param_groups[1]["lr"], "img_per_s": rate})
-                        reporter.update(task, info=f"loss {loss_v:.4f} lr {lr:.4g} {rate:.1f} img/s")
-                    reporter.update(task, advance=1)
-                    if cfg.train.ckpt_every_steps and step % cfg.train.ckpt_every_steps == 0 and step_in_epoch < spe:
-                        last_ckpt = save(epoch, step, step_in_epoch)
-                    if step >= limit:
-                        done = True
-                        break
-                reporter.finish(task)
-                elapsed = time.perf_counter() - t0
-                train_loss, seen, skipped = epoch_totals(loss_sum, seen, skipped)  # every rank's share
-                if not math.isfinite(train_loss):
-                    raise WorkError(f"finetune loss became {train_loss} in epoch {epoch + 1}; lower optim.lr or set optim.grad_clip")
-                finished = step_in_epoch >= spe
-                last = _evaluate(model, val, cfg, device, reporter)
-                rec = {"type": "epoch", "epoch": epoch + 1, "step": step, "train_loss": train_loss, "lr": lr, **last,
-                       "img_per_s": seen / max(elapsed, 1e-9), "seconds": elapsed, "skipped": skipped}
-                metrics.write(rec)
-                reporter.print(f"epoch {epoch + 1}/{cfg.train.epochs}  step {step}  loss {train_loss:.4f}  val top-1 {last['top1']:.2f}  "
-                               f"top-5 {last['top5']:.2f}  {rec['img_per_s']:.1f} img/s")
-                if finished:
-                    epoch, step_in_epoch = epoch + 1, 0
-                    if epoch % cfg.train.ckpt_every == 0 or epoch >= cfg.train.epochs or done:
-                        last_ckpt = save(epoch, step, 0)
-                elif done:
-                    last_ckpt = save(epoch, step, step_in_epoch)
-    finally:
-        detach_log(handler)
-    if not last:
-        last = _evaluate(model, val, cfg, device, None)
+            res = loop.run(pos, previous[0] if previous else None)
+    last = task.last or evaluate(model, val, cfg, device, None)
     result = {
         "top1": last["top1"],
         "top5": last["top5"],
-        "checkpoint": str(last_ckpt) if last_ckpt else None,
+        "checkpoint": str(res.checkpoint) if res.checkpoint else None,
         "run_dir": str(run_dir),
-        "epochs": epoch,
-        "steps": step,
+        "epochs": res.position.epoch,
+        "steps": res.position.step,
         "num_labelled": len(train),
-        "num_classes": num_classes,
+        "num_classes": len(train.classes),
         "num_val": len(val),
         "subset": how,
         "subset_file": str(run_dir / SUBSET_FILE),
-        "source": info["source"],
-        "arch": describe(info),
+        "source": info.source,
+        "arch": info.description,
     }
     close_run(run_dir, result)
     return result

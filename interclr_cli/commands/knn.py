@@ -21,10 +21,11 @@ import torch
 from ..data.loader import eval_shard
 from ..eval.knn import knn_classify, knn_top1
 from ..runtime import dist
+from ..runtime.device import process_device
 from ..runtime.progress import Reporter
-from ..training.rundir import MetricsLog, attach_file_log, detach_log
-from .common import close_run, labelled_splits, open_run, prepare_backbone, rank_device, refuse_early, resolve_config, run_extract
-from .loading import describe, load_backbone
+from ..training.rundir import MetricsLog, file_log
+from .common import close_run, labelled_splits, open_run, prepare_backbone, refuse_early, resolve_config, run_extract
+from .loading import load_backbone
 
 log = logging.getLogger("interclr")
 
@@ -53,23 +54,22 @@ def sharded_knn_top1(train_feats: torch.Tensor, train_labels: torch.Tensor, val_
 
 def run_knn(checkpoint: str, preset: Optional[str], overrides: list[str], *, out: Optional[str], force: bool,
             show_progress: bool = True) -> dict:
+    """Weighted kNN top-1 of ``checkpoint``'s backbone features (val against train) for every k of
+    ``eval.knn_k``; the JSON-ready result: ``top1`` (keyed by k as a string), ``k``, ``run_dir`` ..."""
     refuse_early("knn", out, force)
     backbone, _, info = load_backbone(checkpoint)
     cfg = resolve_config("knn", preset, overrides, info)
     train, val = labelled_splits(cfg)
     ks = sorted(set(cfg.eval.knn_k))
-    device = rank_device(cfg)
+    device = process_device(cfg.device)
     backbone = prepare_backbone(backbone, cfg, device)
-    run_dir = open_run("knn", cfg, out, force, {"source": info["source"], "arch": describe(info)})
-    handler = attach_file_log(run_dir / "train.log")
-    try:
+    run_dir = open_run("knn", cfg, out, force, {"source": info.source, "arch": info.description})
+    with file_log(run_dir / "train.log"):
         with Reporter(enabled=show_progress) as reporter:
             (tf,), tl = run_extract(backbone, train, cfg, device, reporter, "train features")
             (vf,), vl = run_extract(backbone, val, cfg, device, reporter, "val features")
         top1 = sharded_knn_top1(tf, tl.to(device), vf, vl, ks, temperature=cfg.eval.knn_temperature,
                                 num_classes=len(train.classes), chunk_size=knn_chunk(len(train)))
-    finally:
-        detach_log(handler)
     result = {
         "top1": {str(k): round(v, 4) for k, v in top1.items()},  # float32 accumulation noise removed
         "k": ks,
@@ -77,8 +77,8 @@ def run_knn(checkpoint: str, preset: Optional[str], overrides: list[str], *, out
         "num_train": len(train),
         "num_val": len(val),
         "num_classes": len(train.classes),
-        "source": info["source"],
-        "arch": describe(info),
+        "source": info.source,
+        "arch": info.description,
         "run_dir": str(run_dir),
     }
     MetricsLog(run_dir / "metrics.jsonl").write({"type": "knn", **{f"top1_k{k}": v for k, v in top1.items()}})

@@ -22,7 +22,8 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Optional
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -41,9 +42,47 @@ CLASSIFIER_FORMAT = "interclr-classifier"
 _ZIP_MAGIC = b"PK\x03\x04"
 
 
-def describe(info: dict) -> str:
+def describe(arch: str, small_stem: bool) -> str:
     """``resnet18 (small stem)`` / ``resnet50``."""
-    return f"{info['arch']}{' (small stem)' if info['small_stem'] else ''}"
+    return f"{arch}{' (small stem)' if small_stem else ''}"
+
+
+@dataclass
+class CheckpointInfo:
+    """What a loaded checkpoint is (every command's view of it).
+
+    ``kind``: pretrain, finetune, export or random. ``image_size``: the training crop when known.
+    ``embed_dim``/``head_hidden``: the projection head's widths (None without one).
+    ``classifier``: ``{"weight": [C, D], "bias": [C]}`` of a fine-tuned or exported classifier,
+    with its ``classes``. ``epoch``/``step``: where a training checkpoint was written.
+    """
+
+    source: str
+    kind: str
+    arch: str
+    small_stem: bool
+    feature_dim: int
+    image_size: Optional[int] = None
+    embed_dim: Optional[int] = None
+    head_hidden: Optional[int] = None
+    classifier: Optional[dict[str, torch.Tensor]] = None
+    classes: Optional[list[str]] = None
+    epoch: Optional[int] = None
+    step: Optional[int] = None
+
+    @property
+    def description(self) -> str:
+        """``resnet18 (small stem)`` / ``resnet50``."""
+        return describe(self.arch, self.small_stem)
+
+
+class LoadedModel(NamedTuple):
+    """:func:`load_backbone`'s result: the backbone (pooled features [B, feature_dim], eval mode,
+    on the CPU), the projection head or None, and what the checkpoint is."""
+
+    backbone: nn.Module
+    head: Optional[nn.Module]
+    info: CheckpointInfo
 
 
 def _sniff_pickle(path: Path) -> bool:
@@ -95,24 +134,11 @@ def _section(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.T
     return {k[n:]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
-def _info(source: str, kind: str, arch: str, small_stem: bool, **extra) -> dict:
-    info = {
-        "source": source,
-        "kind": kind,
-        "arch": arch,
-        "small_stem": bool(small_stem),
-        "feature_dim": FEATURE_DIMS[arch],
-        "image_size": None,
-        "embed_dim": None,
-        "head_hidden": None,
-        "classifier": None,
-        "classes": None,
-    }
-    info.update(extra)
-    return info
+def _info(source: str, kind: str, arch: str, small_stem: bool, **extra) -> CheckpointInfo:
+    return CheckpointInfo(source=source, kind=kind, arch=arch, small_stem=bool(small_stem), feature_dim=FEATURE_DIMS[arch], **extra)
 
 
-def _random(spec: str) -> tuple[nn.Module, nn.Module, dict]:
+def _random(spec: str) -> tuple[nn.Module, nn.Module, CheckpointInfo]:
     name = spec[len(RANDOM_PREFIX):]
     small = name.endswith("-small")
     arch = name[: -len("-small")] if small else name
@@ -126,7 +152,7 @@ def _random(spec: str) -> tuple[nn.Module, nn.Module, dict]:
     return backbone, head, _info(spec, "random", arch, small, embed_dim=RANDOM_EMBED_DIM, head_hidden=dim)
 
 
-def _from_training(path: Path, tensors: dict, meta: dict) -> tuple[nn.Module, Optional[nn.Module], dict]:
+def _from_training(path: Path, tensors: dict, meta: dict) -> tuple[nn.Module, Optional[nn.Module], CheckpointInfo]:
     try:
         cfg = json.loads(meta["config"])
         model = cfg["model"]
@@ -141,7 +167,7 @@ def _from_training(path: Path, tensors: dict, meta: dict) -> tuple[nn.Module, Op
     image_size = (cfg.get("data") or {}).get("image_size")
     extra = {"image_size": image_size, "epoch": int(meta.get("epoch", 0)), "step": int(meta.get("step", 0))}
     if kind == "finetune":
-        _load_strict(backbone, _section(tensors, "model.backbone."), f"{describe({'arch': arch, 'small_stem': small})} backbone", path)
+        _load_strict(backbone, _section(tensors, "model.backbone."), f"{describe(arch, small)} backbone", path)
         fc = _section(tensors, "model.fc.")
         if set(fc) != {"weight", "bias"}:
             raise UserError(f"{path} is a fine-tuning checkpoint without its classifier (model.fc.*); use another checkpoint")
@@ -151,7 +177,7 @@ def _from_training(path: Path, tensors: dict, meta: dict) -> tuple[nn.Module, Op
     bb = _section(tensors, "model.encoder_q.backbone.")
     if not bb:
         raise UserError(f"{path} is an interclr checkpoint of kind {kind!r} without a backbone (model.encoder_q.backbone.*); use a pretrain or finetune checkpoint")
-    _load_strict(backbone, bb, f"{describe({'arch': arch, 'small_stem': small})} backbone", path)
+    _load_strict(backbone, bb, f"{describe(arch, small)} backbone", path)
     head = _head_from_state(_section(tensors, "model.encoder_q.head."), path)
     if head is not None:
         extra["embed_dim"] = int(head[-1].out_features) if isinstance(head, nn.Sequential) else int(head.out_features)
@@ -169,7 +195,7 @@ def read_export_json(path: Path) -> dict:
         return {}
 
 
-def _from_export(path: Path, tensors: dict, meta: dict) -> tuple[nn.Module, None, dict]:
+def _from_export(path: Path, tensors: dict, meta: dict) -> tuple[nn.Module, None, CheckpointInfo]:
     arch = meta.get("arch", "")
     small = str(meta.get("small_stem", "false")).lower() == "true"
     if arch not in BACKBONES:
@@ -178,7 +204,7 @@ def _from_export(path: Path, tensors: dict, meta: dict) -> tuple[nn.Module, None
     backbone, _ = build_backbone(arch, small)
     fc = {k[3:]: v for k, v in tensors.items() if k.startswith("fc.")}
     state = {k: v for k, v in tensors.items() if not k.startswith("fc.")}
-    _load_strict(backbone, state, f"{describe({'arch': arch, 'small_stem': small})} backbone", path)
+    _load_strict(backbone, state, f"{describe(arch, small)} backbone", path)
     classifier = None
     if fc:
         if set(fc) != {"weight", "bias"}:
@@ -190,19 +216,14 @@ def _from_export(path: Path, tensors: dict, meta: dict) -> tuple[nn.Module, None
     return backbone, None, _info(str(path), "export", arch, small, classifier=classifier, classes=classes, image_size=image_size)
 
 
-def load_backbone(path) -> tuple[nn.Module, Optional[nn.Module], dict]:
-    """(backbone, projection head or None, info) of any accepted input; see the module docstring.
-
-    The backbone is a torchvision ResNet whose ``fc`` is an ``Identity`` (forward gives pooled
-    features [B, feature_dim]), on the CPU in eval mode. ``info`` holds ``source``, ``kind``
-    (pretrain, finetune, export, random), ``arch``, ``small_stem``, ``feature_dim``,
-    ``image_size`` (the training size when known), ``embed_dim``, ``classifier`` (a dict with
-    ``weight`` and ``bias`` for fine-tuned or exported classifiers, else None) and ``classes``.
-    """
+def load_backbone(path) -> LoadedModel:
+    """The backbone, projection head (or None) and :class:`CheckpointInfo` of any accepted input
+    (see the module docstring). The backbone is a torchvision ResNet whose ``fc`` is an
+    ``Identity`` (forward gives pooled features [B, feature_dim]), on the CPU in eval mode."""
     spec = str(path)
     if spec.startswith(RANDOM_PREFIX):
         backbone, head, info = _random(spec)
-        return backbone.eval(), head.eval(), info
+        return LoadedModel(backbone.eval(), head.eval(), info)
     p = Path(spec)
     if p.is_file() and _sniff_pickle(p):
         raise UserError(
@@ -228,7 +249,7 @@ def load_backbone(path) -> tuple[nn.Module, Optional[nn.Module], dict]:
     backbone.eval()
     if head is not None:
         head.eval()
-    return backbone, head, info
+    return LoadedModel(backbone, head, info)
 
 
 def backbone_fingerprint(backbone: nn.Module) -> str:
@@ -243,7 +264,7 @@ def backbone_fingerprint(backbone: nn.Module) -> str:
 
 # --- the linear-eval classifier file ----------------------------------------------------------------
 
-def save_classifier(path: Path, weight: torch.Tensor, bias: torch.Tensor, *, info: dict, fingerprint: str,
+def save_classifier(path: Path, weight: torch.Tensor, bias: torch.Tensor, *, info: CheckpointInfo, fingerprint: str,
                     classes: list[str], extra: Optional[dict] = None) -> None:
     """``classifier.safetensors``: tensors ``weight`` [C, D] and ``bias`` [C]; metadata
     ``format=interclr-classifier``, ``arch``, ``small_stem``, ``feature_dim``, ``num_classes``,
@@ -252,13 +273,13 @@ def save_classifier(path: Path, weight: torch.Tensor, bias: torch.Tensor, *, inf
     meta = {
         "format": CLASSIFIER_FORMAT,
         "format_version": "1",
-        "arch": info["arch"],
-        "small_stem": str(bool(info["small_stem"])).lower(),
+        "arch": info.arch,
+        "small_stem": str(bool(info.small_stem)).lower(),
         "feature_dim": str(int(weight.shape[1])),
         "num_classes": str(int(weight.shape[0])),
         "classes": json.dumps(list(classes)),
         "backbone_fingerprint": fingerprint,
-        "source": str(info["source"]),
+        "source": str(info.source),
         "info": json.dumps(extra or {}),
     }
     atomic_save({"weight": weight, "bias": bias}, Path(path), meta)

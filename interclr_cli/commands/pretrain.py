@@ -1,62 +1,46 @@
-"""`interclr pretrain` as a function: config resolution, run folder, resume, training."""
+"""`interclr pretrain` as a function: config resolution, run folder, resume, then training."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Optional
 
-from ..config.loader import apply_overrides, config_from_mapping, load_config, validate
+from ..config.loader import load_config
 from ..errors import UserError
-from ..training.checkpoint import TrainingCheckpoint
+from ..training.pretraining import pretrain
+from ..training.resume import LATEST, open_resume
 from ..training.rundir import check_run_dir, default_run_dir, prepare_run_dir
-from ..training.pretraining import Trainer, latest_checkpoint, load_run_config
 
-LATEST = "__latest__"
-
-
-def resolve_resume(resume: str, out: Optional[str]) -> tuple[Path, Path]:
-    """(run folder, checkpoint file) for ``--resume`` (latest in --out) or ``--resume PATH``."""
-    if resume == LATEST:
-        if not out:
-            raise UserError("--resume without a path needs --out RUN_FOLDER (or give --resume PATH to a run folder or checkpoint)")
-        run_dir = Path(out)
-        return run_dir, latest_checkpoint(run_dir)
-    p = Path(resume)
-    if p.is_dir():
-        return (Path(out) if out else p), latest_checkpoint(p)
-    if not p.exists():
-        raise UserError(f"--resume {p} does not exist; give a run folder or a .safetensors checkpoint")
-    run_dir = Path(out) if out else (p.parent.parent if p.parent.name == "checkpoints" else p.parent)
-    return run_dir, p
+__all__ = ["LATEST", "run_pretrain"]
 
 
 def run_pretrain(preset: Optional[str], overrides: list[str], *, out: Optional[str], resume: Optional[str],
                  force: bool, show_progress: bool = True) -> dict:
+    """Pretrain a new run from ``preset`` + ``overrides`` into ``out`` (default
+    ``runs/<preset>-<timestamp>``), or continue the run ``resume`` names; the JSON-ready summary:
+    ``run_dir``, ``checkpoint``, ``epochs``, ``steps``, ``skipped``, ``method`` and the last monitors."""
     if resume is not None:
-        if force:
-            raise UserError("--resume and --force contradict each other; use one")
-        run_dir, ckpt_path = resolve_resume(resume, out)
-        ck = TrainingCheckpoint(ckpt_path)  # validates the file before anything else
-        base = ck.config if not (run_dir / "config.yaml").is_file() else load_run_config(run_dir)
-        cfg = config_from_mapping(apply_overrides(base, overrides))
-        validate(cfg)
+        run_dir, ck, cfg = open_resume(resume, out, overrides, kind="pretrain", force=force)
         prepare_run_dir(run_dir, resume=True, force=False)
+        prepare = None
     else:
         if not preset:
             raise UserError("--preset is required (e.g. --preset quickstart); `interclr presets` lists them")
         cfg = load_config(preset, overrides)
         run_dir = Path(out) if out else default_run_dir(cfg.name)
-        ckpt_path = None
+        ck = None
         check_run_dir(run_dir, force=force)  # refuse early; the folder is created once the data is known good
-    prepare = None if resume is not None else (lambda: prepare_run_dir(run_dir, resume=False, force=force))
-    result = Trainer(cfg, run_dir, resume_from=ckpt_path, show_progress=show_progress, prepare=prepare).fit()
-    summary = {
+
+        def prepare() -> None:
+            prepare_run_dir(run_dir, resume=False, force=force)
+
+    result = pretrain(cfg, run_dir, resume=ck, show_progress=show_progress, prepare=prepare)
+    return {
         "run_dir": str(result.run_dir),
         "checkpoint": str(result.checkpoint) if result.checkpoint else None,
         "epochs": result.epochs,
         "steps": result.steps,
         "skipped": result.skipped,
         "method": cfg.method.name,
+        **result.metrics,
     }
-    summary.update(result.metrics)
-    return summary

@@ -8,6 +8,7 @@ of an all-reduce over zero-padded [N, D] buffers).
 
 from __future__ import annotations
 
+import zlib
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -47,6 +48,15 @@ class _SeededItems(torch.utils.data.Dataset):
 def subset_index(index: FileIndex, positions: Sequence[int] | np.ndarray) -> FileIndex:
     pos = np.asarray(positions, dtype=np.int64)
     return FileIndex(root=index.root, paths=[index.paths[i] for i in pos], labels=np.asarray(index.labels)[pos], classes=list(index.classes))
+
+
+def same_files(index: FileIndex, what: str) -> FileIndex:
+    """Distributed: raise on every rank unless every rank lists the same files for ``what`` (count
+    and crc32 of the paths; the samplers and the sharded extraction index into one list)."""
+    if dist.is_dist():
+        digest = zlib.crc32("\n".join(index.paths).encode("utf-8", "surrogateescape"))
+        dist.check_same((len(index), digest), f"{what} (count, crc32)")
+    return index
 
 
 @torch.no_grad()

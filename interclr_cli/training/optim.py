@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 
 from ..config.schema import OptimConfig
+
+log = logging.getLogger("interclr")
 
 
 class LARS(torch.optim.Optimizer):
@@ -62,6 +65,18 @@ def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
     if cfg.reference_batch > 0:
         return cfg.lr * global_batch / cfg.reference_batch
     return cfg.lr
+
+
+def global_lr(cfg: OptimConfig, batch_size: int, world: int) -> tuple[int, float]:
+    """(global batch, base learning rate) of ``world`` processes with ``batch_size`` images each:
+    :func:`scaled_lr` of the global batch. Logs one line saying which rule applied."""
+    batch = batch_size * world
+    lr = scaled_lr(cfg, batch)
+    if world > 1 or cfg.reference_batch > 0:
+        rule = (f" = {cfg.lr:g} x {batch}/{cfg.reference_batch} (linear scaling rule)" if cfg.reference_batch > 0
+                else " (optim.reference_batch=0: not scaled)")
+        log.info(f"global batch {batch} ({world} x {batch_size}); lr {lr:.4g}{rule}")
+    return batch, lr
 
 
 def lr_factor(cfg: OptimConfig, step: int, steps_per_epoch: int, total_steps: int) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -98,3 +99,13 @@ def detach_log(h: logging.Handler | None) -> None:
     if h is not None:
         logging.getLogger("interclr").removeHandler(h)
         h.close()
+
+
+@contextlib.contextmanager
+def file_log(path: Path):
+    """Mirror the ``interclr`` logger into ``path`` for the duration (rank 0 only)."""
+    handler = attach_file_log(path)
+    try:
+        yield
+    finally:
+        detach_log(handler)
