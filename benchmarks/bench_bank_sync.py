@@ -32,7 +32,6 @@ import time
 
 import torch
 import torch.multiprocessing as mp
-
 from _helpers import bytes_written, random_init_state
 
 N_IMAGENET = 1_281_167
@@ -60,8 +59,14 @@ def _measure(fn, reps: int) -> tuple[int, float]:
 
 
 def _worker(rank: int, world: int, port: int, args, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        OMP_NUM_THREADS="1",
+    )
     torch.set_num_threads(1)
     import torch.nn.functional as F
 
@@ -94,7 +99,7 @@ def _worker(rank: int, world: int, port: int, args, out: str) -> None:
         dist.broadcast_(bank_labels, 0)
 
     res["broadcast"] = _measure(broadcast, max(1, args.reps // 10))
-    del bank, bank_labels
+    bank = bank_labels = None  # free them before the next measurement
 
     if not args.skip_method:
         res["method"] = _run_method(args, rank)
@@ -107,8 +112,8 @@ def _run_method(args, rank: int) -> dict:
     import torch.nn.functional as F
 
     from interclr_cli.config import load_config
-    from interclr_cli.runtime import dist
     from interclr_cli.methods import build_method
+    from interclr_cli.runtime import dist
 
     cfg = load_config("r50-imagenet", ["model.arch=resnet18", "model.head_hidden=512", "device=cpu"])
     torch.manual_seed(0)
@@ -128,8 +133,12 @@ def _run_method(args, rank: int) -> dict:
     from interclr_cli.runtime.ddp import check_replicas
 
     differ = check_replicas(method)  # float64 checksums of every parameter and buffer, compared
-    return {"bytes_per_step": int(statistics.median(sent)), "seconds_per_step": statistics.median(secs),
-            "identical": not differ, "differ": differ}
+    return {
+        "bytes_per_step": int(statistics.median(sent)),
+        "seconds_per_step": statistics.median(secs),
+        "identical": not differ,
+        "differ": differ,
+    }
 
 
 def main() -> None:
@@ -148,11 +157,14 @@ def main() -> None:
         mp.spawn(_worker, args=(world, _free_port(), args, out), nprocs=world, join=True)
         res = [torch.load(f"{out}.{r}", weights_only=False) for r in range(world)]
     n, d, b = args.num_samples, args.dim, args.batch
-    payload_sync = b * 8 + b * d * 4              # indices + keys, each rank, sent to the 1 other rank
+    payload_sync = b * 8 + b * d * 4  # indices + keys, each rank, sent to the 1 other rank
     payload_labels = payload_sync + b * 8
-    payload_bank = n * d * 4 + n * 8              # features + labels, sent by rank 0
+    payload_bank = n * d * 4 + n * 8  # features + labels, sent by rank 0
     summary = {
-        "world_size": world, "num_samples": n, "dim": d, "batch_per_rank": b,
+        "world_size": world,
+        "num_samples": n,
+        "dim": d,
+        "batch_per_rank": b,
         "sync_bytes_per_rank_measured": max(r["sync"][0] for r in res),
         "sync_bytes_per_rank_payload": payload_sync * (world - 1),
         "sync_labels_bytes_per_rank_measured": max(r["sync+labels"][0] for r in res),
@@ -162,8 +174,12 @@ def main() -> None:
         "sync_seconds": max(r["sync"][1] for r in res),
         "broadcast_seconds": max(r["broadcast"][1] for r in res),
     }
-    summary["ratio_broadcast_over_sync"] = summary["broadcast_bytes_rank0_measured"] / max(1, summary["sync_bytes_per_rank_measured"])
-    summary["ratio_broadcast_over_sync_labels"] = summary["broadcast_bytes_rank0_measured"] / max(1, summary["sync_labels_bytes_per_rank_measured"])
+    summary["ratio_broadcast_over_sync"] = summary["broadcast_bytes_rank0_measured"] / max(
+        1, summary["sync_bytes_per_rank_measured"]
+    )
+    summary["ratio_broadcast_over_sync_labels"] = summary["broadcast_bytes_rank0_measured"] / max(
+        1, summary["sync_labels_bytes_per_rank_measured"]
+    )
     if "method" in res[0]:
         summary["interclr_after_step_bytes_per_rank"] = max(r["method"]["bytes_per_step"] for r in res)
         summary["interclr_after_step_seconds"] = max(r["method"]["seconds_per_step"] for r in res)
@@ -171,20 +187,33 @@ def main() -> None:
     if args.json:
         print(json.dumps(summary))
         return
-    mb = lambda x: f"{x / 2**20:,.3f} MiB" if x >= 2**20 else f"{x:,} B"
+
+    def mb(x):
+        return f"{x / 2**20:,.3f} MiB" if x >= 2**20 else f"{x:,} B"
+
     s = summary
     print(f"2 gloo ranks on the CPU, N = {n:,}, D = {d}, B = {b} per rank (global batch {b * world})")
-    print(f"  bank sync (indices + keys, all-gather):     {mb(s['sync_bytes_per_rank_measured'])} per rank per step "
-          f"(payload {mb(s['sync_bytes_per_rank_payload'])}), {s['sync_seconds'] * 1e3:.2f} ms")
-    print(f"  bank sync + labels:                          {mb(s['sync_labels_bytes_per_rank_measured'])} per rank per step "
-          f"(payload {mb(s['sync_labels_bytes_per_rank_payload'])})")
-    print(f"  broadcast the whole bank (features+labels): {mb(s['broadcast_bytes_rank0_measured'])} from rank 0 per step "
-          f"(payload {mb(s['broadcast_bytes_rank0_payload'])}), {s['broadcast_seconds']:.2f} s")
-    print(f"  ratio broadcast / sync: {s['ratio_broadcast_over_sync']:,.0f}x   (/ sync+labels: {s['ratio_broadcast_over_sync_labels']:,.0f}x)")
+    print(
+        f"  bank sync (indices + keys, all-gather):     {mb(s['sync_bytes_per_rank_measured'])} per rank per step "
+        f"(payload {mb(s['sync_bytes_per_rank_payload'])}), {s['sync_seconds'] * 1e3:.2f} ms"
+    )
+    print(
+        f"  bank sync + labels:                          {mb(s['sync_labels_bytes_per_rank_measured'])} per rank per step "
+        f"(payload {mb(s['sync_labels_bytes_per_rank_payload'])})"
+    )
+    print(
+        f"  broadcast the whole bank (features+labels): {mb(s['broadcast_bytes_rank0_measured'])} from rank 0 per step "
+        f"(payload {mb(s['broadcast_bytes_rank0_payload'])}), {s['broadcast_seconds']:.2f} s"
+    )
+    print(
+        f"  ratio broadcast / sync: {s['ratio_broadcast_over_sync']:,.0f}x   (/ sync+labels: {s['ratio_broadcast_over_sync_labels']:,.0f}x)"
+    )
     if "interclr_after_step_bytes_per_rank" in s:
-        print(f"  real InterCLR after_optimizer_step (queue + bank + online labels, K = 10,000): "
-              f"{mb(s['interclr_after_step_bytes_per_rank'])} per rank per step, {s['interclr_after_step_seconds'] * 1e3:.1f} ms; "
-              f"bank/labels/centroids identical on both ranks: {s['interclr_state_identical_on_both_ranks']}")
+        print(
+            f"  real InterCLR after_optimizer_step (queue + bank + online labels, K = 10,000): "
+            f"{mb(s['interclr_after_step_bytes_per_rank'])} per rank per step, {s['interclr_after_step_seconds'] * 1e3:.1f} ms; "
+            f"bank/labels/centroids identical on both ranks: {s['interclr_state_identical_on_both_ranks']}"
+        )
 
 
 if __name__ == "__main__":

@@ -41,8 +41,12 @@ SIZES = [
 
 def load_ours(rev: str):
     """The metrics module as of ``rev``, imported as ``interclr_cli.eval._metrics_<rev>``."""
-    src = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:interclr_cli/eval/metrics.py"],
-                         check=True, capture_output=True, text=True).stdout
+    src = subprocess.run(
+        ["git", "-C", str(ROOT), "show", f"{rev}:interclr_cli/eval/metrics.py"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     path = Path(tempfile.mkdtemp()) / "metrics_old.py"
     path.write_text(src)
     name = f"interclr_cli.eval._metrics_{rev}"
@@ -76,10 +80,15 @@ def main() -> None:
     ap.add_argument("--ours-rev", default="c40b04f", help="commit with the former NMI/ARI/AMI code")
     args = ap.parse_args()
     ours = load_ours(args.ours_rev)
-    pairs = [("nmi", ours.nmi, skm.normalized_mutual_info_score), ("ari", ours.ari, skm.adjusted_rand_score),
-             ("ami", ours.ami, skm.adjusted_mutual_info_score)]
-    print(f"{'size':>15} {'N':>9} {'cls':>5} {'k':>6} {'metric':>6} {'ours s':>8} {'sklearn s':>9} "
-          f"{'ratio':>7} {'|diff|':>8}")
+    pairs = [
+        ("nmi", ours.nmi, skm.normalized_mutual_info_score),
+        ("ari", ours.ari, skm.adjusted_rand_score),
+        ("ami", ours.ami, skm.adjusted_mutual_info_score),
+    ]
+    print(
+        f"{'size':>15} {'N':>9} {'cls':>5} {'k':>6} {'metric':>6} {'ours s':>8} {'sklearn s':>9} "
+        f"{'ratio':>7} {'|diff|':>8}"
+    )
     for name, n, classes, k in SIZES:
         if args.skip_large and n > 100_000:
             continue
@@ -87,12 +96,17 @@ def main() -> None:
         for metric, f_ours, f_sk in pairs:
             v_o, s_o = timed(f_ours, t, p)
             v_s, s_s = timed(f_sk, t, p)
-            print(f"{name:>15} {n:>9} {classes:>5} {k:>6} {metric:>6} {s_o:>8.3f} {s_s:>9.3f} "
-                  f"{s_s / max(s_o, 1e-9):>6.1f}x {abs(v_o - v_s):>8.1e}", flush=True)
+            print(
+                f"{name:>15} {n:>9} {classes:>5} {k:>6} {metric:>6} {s_o:>8.3f} {s_s:>9.3f} "
+                f"{s_s / max(s_o, 1e-9):>6.1f}x {abs(v_o - v_s):>8.1e}",
+                flush=True,
+            )
         t0 = time.perf_counter()
         cluster_report(t, p)
-        print(f"{name:>15} cluster_report (sklearn NMI/ARI/AMI + purity + Hungarian): "
-              f"{time.perf_counter() - t0:.3f} s", flush=True)
+        print(
+            f"{name:>15} cluster_report (sklearn NMI/ARI/AMI + purity + Hungarian): {time.perf_counter() - t0:.3f} s",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -67,7 +67,6 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     sim_buf = torch.empty(b, n)
     workspace: dict = {}  # reused sampling temporaries, as the method keeps them
-    state = {"it": 0}
 
     def step(threshold: str, centroid_step: bool = False) -> dict[str, float]:
         times: dict[str, float] = {}
@@ -118,7 +117,10 @@ def main() -> None:
 
     keys = ["sim", "pos", "neg", "loss", "bank", "labels", "total"]
     report = {
-        "setting": {a: getattr(args, a) for a in ("num_samples", "dim", "clusters", "pool", "negatives", "batch", "mode", "bank_dtype")},
+        "setting": {
+            a: getattr(args, a)
+            for a in ("num_samples", "dim", "clusters", "pool", "negatives", "batch", "mode", "bank_dtype")
+        },
         "threads": torch.get_num_threads(),
         "setup_s": round(setup_s, 1),
         "median_ms": {th: {key: round(med(results[th], key), 1) for key in keys} for th in results},
@@ -170,8 +172,10 @@ def main() -> None:
         print(f"reference-style [B, M, D] gather + bmm fwd/bwd: {report['reference_gather_bmm_ms']:.1f} ms")
     if "resnet50_fwd_bwd_b32_224_ms" in report:
         r = report["resnet50_fwd_bwd_b32_224_ms"]
-        print(f"ResNet-50 fwd+bwd, batch 32, 224 px: {r:.0f} ms -> sampled overhead "
-              f"{100 * report['median_ms']['sampled']['amortised_total'] / r:.1f}% of it")
+        print(
+            f"ResNet-50 fwd+bwd, batch 32, 224 px: {r:.0f} ms -> sampled overhead "
+            f"{100 * report['median_ms']['sampled']['amortised_total'] / r:.1f}% of it"
+        )
 
 
 if __name__ == "__main__":

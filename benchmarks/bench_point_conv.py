@@ -47,8 +47,10 @@ def main() -> None:
     outs = {name: run(net) for name, net in (("plain", plain), ("fast", fast))}  # warm-up + check
     out_diff = (outs["plain"] - outs["fast"]).abs().max().item()
     # relative to the gradient's own scale (the sum over the batch makes some gradients large)
-    grad_diff = max(((p.grad - q.grad).abs().max() / p.grad.abs().max().clamp_min(1e-12)).item()
-                    for p, q in zip(plain.parameters(), fast.parameters()))
+    grad_diff = max(
+        ((p.grad - q.grad).abs().max() / p.grad.abs().max().clamp_min(1e-12)).item()
+        for p, q in zip(plain.parameters(), fast.parameters())
+    )
     times: dict[str, list[float]] = {"plain": [], "fast": []}
     for _ in range(a.reps):
         for name, net in (("plain", plain), ("fast", fast)):
@@ -56,12 +58,27 @@ def main() -> None:
             run(net)
             times[name].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"{a.arch}{' small stem' if a.small_stem else ''}  batch {a.batch}  {a.size}px  threads {torch.get_num_threads()}")
+    print(
+        f"{a.arch}{' small stem' if a.small_stem else ''}  batch {a.batch}  {a.size}px  threads {torch.get_num_threads()}"
+    )
     print(f"  plain nn.Conv2d:      {med['plain'] * 1e3:8.1f} ms fwd+bwd")
     print(f"  1x1-output fast path: {med['fast'] * 1e3:8.1f} ms fwd+bwd")
-    print(f"  speed-up plain / fast: {med['plain'] / med['fast']:.2f}x   max |diff| output {out_diff:.2e}, weight grads {grad_diff:.2e} (relative)")
-    print(json.dumps({"arch": a.arch, "size": a.size, "batch": a.batch, "seconds": med, "speedup": med["plain"] / med["fast"],
-                      "max_output_diff": out_diff, "max_rel_grad_diff": grad_diff}))
+    print(
+        f"  speed-up plain / fast: {med['plain'] / med['fast']:.2f}x   max |diff| output {out_diff:.2e}, weight grads {grad_diff:.2e} (relative)"
+    )
+    print(
+        json.dumps(
+            {
+                "arch": a.arch,
+                "size": a.size,
+                "batch": a.batch,
+                "seconds": med,
+                "speedup": med["plain"] / med["fast"],
+                "max_output_diff": out_diff,
+                "max_rel_grad_diff": grad_diff,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -20,8 +20,8 @@ import sys
 import time
 
 import torch
-
 from _helpers import random_init_state
+
 from interclr_cli.config import load_config
 from interclr_cli.methods import build_method
 from interclr_cli.training.optim import build_optimizer
@@ -92,7 +92,12 @@ def main() -> None:
     size = a.size or cfg.data.image_size
     torch.manual_seed(0)
     x1, x2 = torch.randn(a.batch, 3, size, size), torch.randn(a.batch, 3, size, size)
-    batch = {"view1": x1, "view2": x2, "index": torch.randint(0, a.num_samples, (a.batch,)), "label": torch.full((a.batch,), -1)}
+    batch = {
+        "view1": x1,
+        "view2": x2,
+        "index": torch.randint(0, a.num_samples, (a.batch,)),
+        "label": torch.full((a.batch,), -1),
+    }
     fns = {cfg.method.name: make_step(cfg, a.num_samples, batch)}
     if a.vs == "backbone":
         fns["backbone fwd+bwd"] = make_backbone_step(cfg, batch)
@@ -102,12 +107,26 @@ def main() -> None:
     res = timeit(fns, a.reps, a.warmup)
     names = list(res)
     ratio = res[names[0]] / res[names[1]]
-    print(f"preset {a.preset}  arch {cfg.model.arch}  batch {a.batch}  {size}px  N {a.num_samples}  threads {torch.get_num_threads()}", file=sys.stderr)
+    print(
+        f"preset {a.preset}  arch {cfg.model.arch}  batch {a.batch}  {size}px  N {a.num_samples}  threads {torch.get_num_threads()}",
+        file=sys.stderr,
+    )
     for k, v in res.items():
         print(f"  {k:>20s}: {v * 1000:9.1f} ms/step  ({a.batch / v:7.1f} img/s)")
     print(f"  ratio {names[0]} / {names[1]}: {ratio:.3f}")
-    print(json.dumps({"preset": a.preset, "batch": a.batch, "size": size, "num_samples": a.num_samples,
-                      "seconds": res, "ratio": ratio}), file=sys.stderr)
+    print(
+        json.dumps(
+            {
+                "preset": a.preset,
+                "batch": a.batch,
+                "size": size,
+                "num_samples": a.num_samples,
+                "seconds": res,
+                "ratio": ratio,
+            }
+        ),
+        file=sys.stderr,
+    )
 
 
 if __name__ == "__main__":

@@ -41,7 +41,6 @@ import math
 from typing import Optional, get_args
 
 import torch
-import torch.nn.functional as F
 
 from .config.schema import MarginType
 

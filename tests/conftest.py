@@ -49,7 +49,9 @@ def tiny_data(tmp_path) -> Path:
     return tmp_path / "data"
 
 
-def run_cli(*args: str, timeout: float = 300, env: dict | None = None, subprocess_: bool = False) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, timeout: float = 300, env: dict | None = None, subprocess_: bool = False
+) -> subprocess.CompletedProcess:
     """Run ``interclr ARGS``: in-process by default (fast: torch is imported once), or as a real
     ``python -m interclr_cli`` subprocess. Returns a CompletedProcess either way."""
     if not subprocess_ and env is None:
@@ -57,13 +59,15 @@ def run_cli(*args: str, timeout: float = 300, env: dict | None = None, subproces
     e = dict(os.environ)
     e.pop("INTERCLR_DEBUG", None)
     e.update(env or {})
-    return subprocess.run([sys.executable, "-m", "interclr_cli", *args], capture_output=True, text=True, timeout=timeout, env=e)
+    return subprocess.run(
+        [sys.executable, "-m", "interclr_cli", *args], capture_output=True, text=True, timeout=timeout, env=e
+    )
 
 
 def assert_clean_error(res: subprocess.CompletedProcess, code: int = 2, fragment: str | None = None) -> None:
     assert res.returncode == code, (res.returncode, res.stdout, res.stderr)
     assert "Traceback" not in res.stderr and "Traceback" not in res.stdout, res.stderr
-    lines = [l for l in res.stderr.strip().splitlines() if l.strip()]
+    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
     assert lines, "no error message"
     last = lines[-1]
     assert last.startswith(("error:", "Error:")) or "Error" in last or "error" in last, res.stderr

@@ -8,13 +8,30 @@ import pytest
 import torch
 
 from interclr_cli.config import load_config, to_mapping
-from interclr_cli.training.checkpoint import TrainingCheckpoint, atomic_save, check_compatible, checkpoint_name, list_checkpoints, load_optimizer, prune_checkpoints, read_safetensors, restore_rng, save_training_checkpoint
 from interclr_cli.errors import UserError
 from interclr_cli.methods import build_method
+from interclr_cli.training.checkpoint import (
+    TrainingCheckpoint,
+    atomic_save,
+    check_compatible,
+    checkpoint_name,
+    list_checkpoints,
+    load_optimizer,
+    prune_checkpoints,
+    read_safetensors,
+    restore_rng,
+    save_training_checkpoint,
+)
 
 
 def _tiny_cfg(**over):
-    ov = ["model.arch=resnet18", "model.small_stem=true", "method.queue_size=64", "model.embed_dim=16", "model.head_hidden=32"]
+    ov = [
+        "model.arch=resnet18",
+        "model.small_stem=true",
+        "method.queue_size=64",
+        "model.embed_dim=16",
+        "model.head_hidden=32",
+    ]
     return load_config("mocov2-r18-cifar", ov + [f"{k}={v}" for k, v in over.items()])
 
 
@@ -38,8 +55,16 @@ def test_round_trip_restores_every_tensor_and_rng(tmp_path):
     np.random.seed(6)
     torch.manual_seed(7)
     path = tmp_path / "c.safetensors"
-    save_training_checkpoint(path, model_state=method.state_dict(), extra_state={"gen": torch.arange(3)}, optimizer=opt,
-                             config=to_mapping(cfg), epoch=3, step=42, step_in_epoch=2)
+    save_training_checkpoint(
+        path,
+        model_state=method.state_dict(),
+        extra_state={"gen": torch.arange(3)},
+        optimizer=opt,
+        config=to_mapping(cfg),
+        epoch=3,
+        step=42,
+        step_in_epoch=2,
+    )
     expect_next = (random.random(), np.random.rand(), torch.rand(1))
 
     ck = TrainingCheckpoint(path)

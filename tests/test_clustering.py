@@ -7,8 +7,16 @@ import torch
 import torch.nn.functional as F
 
 from interclr_cli.eval import clustering
-from interclr_cli.eval.clustering import KMeans, assign, faiss_available, faiss_gpu_available, faiss_num_gpus, kmeans, pca_apply, pca_fit
-
+from interclr_cli.eval.clustering import (
+    KMeans,
+    assign,
+    faiss_available,
+    faiss_gpu_available,
+    faiss_num_gpus,
+    kmeans,
+    pca_apply,
+    pca_fit,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

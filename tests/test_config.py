@@ -49,8 +49,18 @@ def test_inheritance_cycle_is_an_error(tmp_path):
 
 
 def test_overrides_are_typed_from_the_schema():
-    cfg = load_config("r18-cifar", ["optim.lr=0.06", "train.epochs=3", "data.root=/data/cifar", "data.replacement=false",
-                                    "optim.milestones=[60,80]", "data.mean=0.5,0.5,0.5", "method.inter.neg_sampling=hard"])
+    cfg = load_config(
+        "r18-cifar",
+        [
+            "optim.lr=0.06",
+            "train.epochs=3",
+            "data.root=/data/cifar",
+            "data.replacement=false",
+            "optim.milestones=[60,80]",
+            "data.mean=0.5,0.5,0.5",
+            "method.inter.neg_sampling=hard",
+        ],
+    )
     assert cfg.optim.lr == 0.06 and isinstance(cfg.optim.lr, float)
     assert cfg.train.epochs == 3 and isinstance(cfg.train.epochs, int)
     assert cfg.data.root == "/data/cifar"
@@ -111,9 +121,21 @@ def test_bad_yaml_is_a_one_line_error(tmp_path):
 def test_released_interclr_values():
     c = load_config("r50-imagenet")
     i = c.method.inter
-    assert (c.model.arch, c.data.image_size, c.train.batch_size, c.optim.lr, c.train.epochs) == ("resnet50", 224, 256, 0.03, 200)
+    assert (c.model.arch, c.data.image_size, c.train.batch_size, c.optim.lr, c.train.epochs) == (
+        "resnet50",
+        224,
+        256,
+        0.03,
+        200,
+    )
     assert (i.num_clusters, i.pool_size, i.num_negatives, i.margin, i.temperature) == (10000, 128000, 16384, -0.5, 0.2)
-    assert (c.method.intra.weight, i.weight, i.min_cluster_size, i.centroid_update_every, i.bank_momentum) == (0.75, 0.25, 20, 10, 1.0)
+    assert (c.method.intra.weight, i.weight, i.min_cluster_size, i.centroid_update_every, i.bank_momentum) == (
+        0.75,
+        0.25,
+        20,
+        10,
+        1.0,
+    )
     assert c.method.queue_size == 65536 and c.method.momentum == 0.999 and c.data.replacement is True
 
 
@@ -127,6 +149,7 @@ def test_all_keys_cover_the_schema_and_round_trip():
 
 
 # --- allowed values: declared once, as Literal types in the schema --------------------------------
+
 
 def _schema_literals(cls=Config, prefix=""):
     """Every Literal-typed key of the schema -> its args, read straight from the dataclasses."""
@@ -148,10 +171,24 @@ SCHEMA_CHOICES = _schema_literals()
 
 
 def test_fixed_value_keys_are_literals_in_the_schema():
-    expected = {"data.source", "data.augment_on", "model.arch", "method.name", "method.key_bn", "method.intra.kind",
-                "method.inter.margin_type", "method.inter.neg_sampling", "method.inter.pool_threshold",
-                "method.inter.labels", "method.inter.bank_dtype", "optim.name", "optim.schedule", "train.precision",
-                "monitor.knn_split", "eval.protocol"}
+    expected = {
+        "data.source",
+        "data.augment_on",
+        "model.arch",
+        "method.name",
+        "method.key_bn",
+        "method.intra.kind",
+        "method.inter.margin_type",
+        "method.inter.neg_sampling",
+        "method.inter.pool_threshold",
+        "method.inter.labels",
+        "method.inter.bank_dtype",
+        "optim.name",
+        "optim.schedule",
+        "train.precision",
+        "monitor.knn_split",
+        "eval.protocol",
+    }
     assert expected <= set(SCHEMA_CHOICES)
     from interclr_cli.config import choice_keys, choices
 
@@ -189,7 +226,10 @@ def test_a_bad_choice_in_a_preset_file_or_set_in_code_is_an_error(tmp_path):
 
     p = tmp_path / "bad.yaml"
     p.write_text("method:\n  inter:\n    pool_threshold: sample\n")
-    with pytest.raises(UserError, match=r"method.inter.pool_threshold must be one of exact, sampled; got 'sample' \(did you mean 'sampled'\?\)"):
+    with pytest.raises(
+        UserError,
+        match=r"method.inter.pool_threshold must be one of exact, sampled; got 'sample' \(did you mean 'sampled'\?\)",
+    ):
         load_config(str(p))
     cfg = load_config(None)
     cfg.method.name = "simclr"  # a Config changed in code is re-checked by validate()
@@ -233,8 +273,11 @@ def test_presets_keys_json_lists_types_defaults_and_choices():
     assert res.returncode == 0, res.stderr
     keys = json.loads(res.stdout)
     assert set(keys) == set(all_keys())
-    assert keys["method.inter.neg_sampling"] == {"type": "choice", "default": "semihard",
-                                                 "choices": list(SCHEMA_CHOICES["method.inter.neg_sampling"])}
+    assert keys["method.inter.neg_sampling"] == {
+        "type": "choice",
+        "default": "semihard",
+        "choices": list(SCHEMA_CHOICES["method.inter.neg_sampling"]),
+    }
     assert keys["train.epochs"] == {"type": "integer", "default": 200, "choices": []}
     table = run_cli("presets", "keys")
     assert table.returncode == 0, table.stderr

@@ -12,7 +12,22 @@ import torch
 from PIL import Image
 
 from interclr_cli.config.schema import DataConfig
-from interclr_cli.data import BUILTIN_DATASETS, EpochBatchSampler, FileIndex, ImageDataset, build_eval_loader, build_loader, collate_skip, eval_shard, eval_transform, index_source, linear_train_transform, moco_v2_transform, resolve_builtin, resolve_eval_split
+from interclr_cli.data import (
+    BUILTIN_DATASETS,
+    EpochBatchSampler,
+    FileIndex,
+    ImageDataset,
+    build_eval_loader,
+    build_loader,
+    collate_skip,
+    eval_shard,
+    eval_transform,
+    index_source,
+    linear_train_transform,
+    moco_v2_transform,
+    resolve_builtin,
+    resolve_eval_split,
+)
 from interclr_cli.data import datasets as datasets_mod
 from interclr_cli.errors import UserError
 
@@ -109,13 +124,7 @@ def test_filelist_relative_paths_labels_and_comments(tmp_path):
     outside = make_image(tmp_path / "elsewhere" / "o.jpg")
     lst = tmp_path / "lists" / "train.txt"
     lst.parent.mkdir()
-    lst.write_text(
-        "# a comment\n"
-        "\n"
-        "../imgs/a.png 2\n"
-        "../imgs/b c.png   0\n"
-        f"{outside} 1\n"
-    )
+    lst.write_text(f"# a comment\n\n../imgs/a.png 2\n../imgs/b c.png   0\n{outside} 1\n")
     idx = index_source(str(lst))
     assert idx.source == "filelist" and idx.root == str(lst)
     assert idx.paths == [str(img_a), str(tmp_path / "imgs" / "b c.png"), str(outside)]

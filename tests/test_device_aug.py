@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 import torchvision.transforms.functional as TF
+from PIL import Image
 
 from interclr_cli.config.schema import DataConfig
 from interclr_cli.data import DeviceAugment, crop_flip_transform
 from interclr_cli.data import device_aug as D
-from interclr_cli.data.device_aug import crop_resize, draw_crops
 from interclr_cli.data.datasets import load_rgb
+from interclr_cli.data.device_aug import crop_resize, draw_crops
 from interclr_cli.data.transforms import moco_v2_transform
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -70,7 +70,9 @@ def test_batch_augment_equals_torchvision_ops_in_each_images_own_order():
 
 
 def test_call_is_seeded_by_step_and_view_and_normalises():
-    cfg = DataConfig(image_size=8, color_jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, mean=[0.5, 0.4, 0.3], std=[0.2, 0.25, 0.5])
+    cfg = DataConfig(
+        image_size=8, color_jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, mean=[0.5, 0.4, 0.3], std=[0.2, 0.25, 0.5]
+    )
     aug = DeviceAugment(cfg, torch.device("cpu"), seed=0)
     u8 = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
     out = aug(u8, epoch=0, step_in_epoch=0)  # every probability 0: normalisation only
@@ -118,10 +120,22 @@ def test_draw_crops_follow_torchvision_random_resized_crop():
     assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= 24).all() and (boxes[:, 3] <= 32).all() and (w >= 1).all()
     assert torch.equal(boxes, boxes.round())  # integer pixels, as torchvision
     torch.manual_seed(0)
-    tv = torch.tensor([T.RandomResizedCrop.get_params(torch.zeros(3, 32, 24), (0.2, 1.0), (3 / 4, 4 / 3)) for _ in range(20000)],
-                      dtype=torch.float)  # (top, left, h, w)
-    ours = {"area": (w * h).mean(), "log_ratio": (w / h).log().mean(), "left": boxes[:, 0].mean(), "top": boxes[:, 1].mean()}
-    theirs = {"area": (tv[:, 2] * tv[:, 3]).mean(), "log_ratio": (tv[:, 3] / tv[:, 2]).log().mean(), "left": tv[:, 1].mean(), "top": tv[:, 0].mean()}
+    tv = torch.tensor(
+        [T.RandomResizedCrop.get_params(torch.zeros(3, 32, 24), (0.2, 1.0), (3 / 4, 4 / 3)) for _ in range(20000)],
+        dtype=torch.float,
+    )  # (top, left, h, w)
+    ours = {
+        "area": (w * h).mean(),
+        "log_ratio": (w / h).log().mean(),
+        "left": boxes[:, 0].mean(),
+        "top": boxes[:, 1].mean(),
+    }
+    theirs = {
+        "area": (tv[:, 2] * tv[:, 3]).mean(),
+        "log_ratio": (tv[:, 3] / tv[:, 2]).log().mean(),
+        "left": tv[:, 1].mean(),
+        "top": tv[:, 0].mean(),
+    }
     for k in ours:
         assert abs(float(ours[k] - theirs[k])) < 0.02 * max(1.0, abs(float(theirs[k]))) + 0.01, (k, ours[k], theirs[k])
     # no attempt can fit (scale above the image's ratio range): torchvision's centred fallback

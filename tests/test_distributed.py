@@ -42,9 +42,9 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
-
 from conftest import TINY, make_tree
 from dist_helpers import GradAverager, all_gather_with_grad
+
 from interclr_cli.runtime import dist
 from interclr_cli.runtime.launch import detect, first_host
 
@@ -54,6 +54,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # -- harness -----------------------------------------------------------------------------------------
 
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -61,8 +62,15 @@ def free_port() -> int:
 
 
 def _entry(rank: int, world: int, port: int, fn, args: tuple, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1", INTERCLR_DIST_TIMEOUT="3")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        OMP_NUM_THREADS="1",
+        INTERCLR_DIST_TIMEOUT="3",
+    )
     torch.set_num_threads(1)
     from interclr_cli.runtime import launch
 
@@ -119,24 +127,38 @@ def child_env(**extra) -> dict:
 
 # -- launch detection (no processes) ---------------------------------------------------------------
 
+
 def test_detects_torchrun_and_slurm_environments():
     assert detect({}) is None
     assert detect({"RANK": "0", "WORLD_SIZE": "1"}) is None  # a world of one runs as a plain process
     t = detect({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "n1", "MASTER_PORT": "1234"})
-    assert (t.rank, t.world_size, t.local_rank, t.master_addr, t.master_port, t.launcher) == (3, 8, 1, "n1", 1234, "torchrun")
-    slurm = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "4242",
-             "SLURM_JOB_NODELIST": "gpu[07-08,11],cpu01"}
+    assert (t.rank, t.world_size, t.local_rank, t.master_addr, t.master_port, t.launcher) == (
+        3,
+        8,
+        1,
+        "n1",
+        1234,
+        "torchrun",
+    )
+    slurm = {
+        "SLURM_PROCID": "5",
+        "SLURM_NTASKS": "8",
+        "SLURM_LOCALID": "1",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NODELIST": "gpu[07-08,11],cpu01",
+    }
     s = detect(slurm)
     assert (s.rank, s.world_size, s.local_rank, s.master_addr, s.launcher) == (5, 8, 1, "gpu07", "slurm")
     assert s.master_port == 20000 + 4242 % 20000
     assert detect({**slurm, "MASTER_ADDR": "head", "MASTER_PORT": "777"}).master_addr == "head"
-    assert detect({**slurm, "SLURM_NTASKS": "1"}) is None           # srun -n 1, or a one-task allocation
+    assert detect({**slurm, "SLURM_NTASKS": "1"}) is None  # srun -n 1, or a one-task allocation
     assert detect({**slurm, "INTERCLR_NO_SLURM": "1"}) is None
     assert detect({**slurm, "RANK": "0", "WORLD_SIZE": "2"}).launcher == "torchrun"  # torchrun inside srun wins
     assert first_host("node001") == "node001" and first_host("a[9-12]") == "a9" and first_host("x-1,y") == "x-1"
 
 
 # -- collectives ----------------------------------------------------------------------------------
+
 
 def _contrastive(z: torch.Tensor) -> torch.Tensor:
     """A loss that couples every row with every other one (like InfoNCE over a gathered batch)."""
@@ -155,8 +177,14 @@ def _extract_means(root: str):
 
     index = index_source(root, "imagefolder")
     tf = eval_transform(DataConfig(image_size=16, eval_resize=16))
-    (a, b), labels = extract(lambda x: (x.mean((2, 3)), x.amax((1, 2, 3)).unsqueeze(1)), index, tf,
-                             device=torch.device("cpu"), batch_size=2, num_workers=0)
+    (a, b), labels = extract(
+        lambda x: (x.mean((2, 3)), x.amax((1, 2, 3)).unsqueeze(1)),
+        index,
+        tf,
+        device=torch.device("cpu"),
+        batch_size=2,
+        num_workers=0,
+    )
     return a, b, labels
 
 
@@ -194,7 +222,9 @@ def _collectives_worker(images: str):
 
     # shuffle-BN against its definition, with a train-mode BatchNorm
     torch.manual_seed(1)
-    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)
+    )
     ref_net = copy.deepcopy(net)
     x = torch.randn(b * w, 3, 6, 6)
     perm = torch.randperm(b * w, generator=torch.Generator().manual_seed(7))
@@ -227,7 +257,10 @@ def _collectives_worker(images: str):
     ref.square().mean().backward()
     res["sync_bn_out"] = (out, ref[r * b : (r + 1) * b].detach())
     res["sync_bn_grads"] = (grads, [p.grad for p in single.parameters()])
-    res["sync_bn_stats"] = ((synced[1].running_mean, synced[1].running_var), (single[1].running_mean, single[1].running_var))
+    res["sync_bn_stats"] = (
+        (synced[1].running_mean, synced[1].running_var),
+        (single[1].running_mean, single[1].running_var),
+    )
 
     # replica check: names what differs between ranks
     mod = nn.Module()
@@ -243,8 +276,10 @@ def _collectives_worker(images: str):
 
     res["main_only"] = dist.main_only(lambda: {"ran_on": dist.rank()})
     for exc in (UserError("bad --k"), ValueError("oops")):
+
         def boom(exc=exc):
             raise exc
+
         try:
             dist.main_only(boom)
         except (UserError, WorkError, ValueError) as e:
@@ -274,7 +309,14 @@ def test_collectives_gradients_shuffle_bn_sync_bn_and_sharded_extraction(ranks):
     ref = _extract_means(r0["images"])
     for r in (r0, r1):
         assert r["main_only"] == {"ran_on": 0}
-        assert r["refused"] == {"knn": False, "cluster": False, "linear-eval": False, "finetune": False, "rankme": True, "export": True}
+        assert r["refused"] == {
+            "knn": False,
+            "cluster": False,
+            "linear-eval": False,
+            "finetune": False,
+            "rankme": True,
+            "export": True,
+        }
     assert r0["main_only_UserError"] == r1["main_only_UserError"] == ("UserError", "bad --k")
     assert r0["main_only_ValueError"] == ("ValueError", "oops")  # rank 0 raises its own error
     assert r1["main_only_ValueError"] == ("WorkError", "rank 0 failed: ValueError: oops")  # the others a WorkError
@@ -311,16 +353,20 @@ B = 4  # per rank
 def _global_batch():
     g = torch.Generator().manual_seed(123)
     n = B * WORLD
-    return {"view1": torch.randn(n, 3, 16, 16, generator=g), "view2": torch.randn(n, 3, 16, 16, generator=g),
-            "index": torch.arange(n), "label": torch.zeros(n, dtype=torch.long)}
+    return {
+        "view1": torch.randn(n, 3, 16, 16, generator=g),
+        "view2": torch.randn(n, 3, 16, 16, generator=g),
+        "index": torch.arange(n),
+        "label": torch.zeros(n, dtype=torch.long),
+    }
 
 
 def _moco_step(overrides: list[str], bn_eval: bool, kind: str = "ddp") -> dict:
     """One optimizer step of MoCo v2; distributed when the process group is up."""
     from interclr_cli.config import load_config
+    from interclr_cli.methods import build_method
     from interclr_cli.runtime.ddp import convert_sync_bn, wrap_ddp
     from interclr_cli.training.optim import build_optimizer
-    from interclr_cli.methods import build_method
 
     cfg = load_config("mocov2-r18-cifar", MOCO + overrides)
     torch.manual_seed(0)
@@ -348,8 +394,12 @@ def _moco_step(overrides: list[str], bn_eval: bool, kind: str = "ddp") -> dict:
     grads = {k: p.grad.clone() for k, p in method.named_parameters() if p.grad is not None}
     opt.step()
     method.after_optimizer_step(0)
-    return {"loss": dist.all_reduce_mean(loss.detach()), "grads": grads, "queue": method.queue.clone(),
-            "bn": {k: v.clone() for k, v in method.state_dict().items() if "running" in k}}
+    return {
+        "loss": dist.all_reduce_mean(loss.detach()),
+        "grads": grads,
+        "queue": method.queue.clone(),
+        "bn": {k: v.clone() for k, v in method.state_dict().items() if "running" in k},
+    }
 
 
 SCENARIOS = {
@@ -376,8 +426,10 @@ def test_two_rank_moco_step_equals_one_process_step(ranks):
             where = f"{name}, rank {rk}"
             assert torch.allclose(got["loss"], ref["loss"], rtol=1e-6, atol=1e-7), (where, got["loss"], ref["loss"])
             assert got["grads"].keys() == ref["grads"].keys(), where
-            worst = max(((got["grads"][k] - ref["grads"][k]).abs().max() / ref["grads"][k].abs().max().clamp(min=1e-12)).item()
-                        for k in ref["grads"])
+            worst = max(
+                ((got["grads"][k] - ref["grads"][k]).abs().max() / ref["grads"][k].abs().max().clamp(min=1e-12)).item()
+                for k in ref["grads"]
+            )
             assert worst < 1e-4, (where, worst)
             # keys are gathered in rank order = the global batch order
             qdiff = (got["queue"] - ref["queue"]).abs().max().item()
@@ -393,11 +445,25 @@ def test_two_rank_moco_step_equals_one_process_step(ranks):
 
 # -- end to end: rank-0-only files, kill and resume ----------------------------------------------
 
+
 def _pretrain_overrides(data: Path, monitors: bool) -> list[str]:
-    ov = [f"data.root={data}", "train.epochs=1", *TINY, "train.batch_size=4", "train.ckpt_every_steps=2",
-          "train.keep_last=10", "method.key_bn=shuffle"]
+    ov = [
+        f"data.root={data}",
+        "train.epochs=1",
+        *TINY,
+        "train.batch_size=4",
+        "train.ckpt_every_steps=2",
+        "train.keep_last=10",
+        "method.key_bn=shuffle",
+    ]
     if monitors:  # monitors never change the training state (eval mode, RNG-neutral extraction)
-        ov += ["monitor.every=1", "monitor.at_start=true", "monitor.rankme_samples=16", "monitor.knn_max_train=32", "monitor.knn_k=5"]
+        ov += [
+            "monitor.every=1",
+            "monitor.at_start=true",
+            "monitor.rankme_samples=16",
+            "monitor.knn_max_train=32",
+            "monitor.knn_k=5",
+        ]
     return ov
 
 
@@ -409,16 +475,19 @@ def _record_writes(watch: str) -> list:
     events: list = []
     watched = (watch, os.path.join(tempfile.gettempdir(), "interclr-"))  # the run folder, interclr's temp files
     if dist.rank() != 0:
+
         def hook(name, args):
             if name == "open" and args and isinstance(args[0], (str, bytes, os.PathLike)):
                 path, mode, flags = args[0], args[1], args[2]
                 writes = (mode is not None and any(c in str(mode) for c in "wax+")) or (
-                    mode is None and isinstance(flags, int) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
+                    mode is None and isinstance(flags, int) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)
+                )
                 if writes and str(os.fsdecode(path)).startswith(watched):
                     events.append((name, os.fsdecode(path)))
             elif name in ("os.rename", "os.remove", "os.mkdir", "os.rmdir", "shutil.rmtree", "os.truncate") and args:
                 if str(os.fsdecode(args[0])).startswith(watched):
                     events.append((name, os.fsdecode(args[0])))
+
         sys.addaudithook(hook)
     return events
 
@@ -438,12 +507,24 @@ def _tensors(path: Path) -> dict:
     return {k: v for k, v in load_file(str(path)).items() if k.startswith(("model.", "optim.", "method."))}
 
 
-def _all_worker(images: str, data: str, ref_dir: str, watch: str, interclr_root: str, interclr_data: str, down_data: str,
-                down_out: str, corrupt_data: str) -> dict:
+def _all_worker(
+    images: str,
+    data: str,
+    ref_dir: str,
+    watch: str,
+    interclr_root: str,
+    interclr_data: str,
+    down_data: str,
+    down_out: str,
+    corrupt_data: str,
+) -> dict:
     """Everything that runs in the one pair of spawned ranks (process start-up is the main cost)."""
-    out = {"collectives": _collectives_worker(images), "moco": _moco_worker(),
-           "pretrain": _pretrain_worker(ref_dir, _pretrain_overrides(Path(data), True), watch),
-           "downstream": _downstream_worker(down_data, down_out)}
+    out = {
+        "collectives": _collectives_worker(images),
+        "moco": _moco_worker(),
+        "pretrain": _pretrain_worker(ref_dir, _pretrain_overrides(Path(data), True), watch),
+        "downstream": _downstream_worker(down_data, down_out),
+    }
     try:
         import interclr_cli.methods.interclr  # noqa: F401  (being written in parallel)
     except ImportError:
@@ -465,8 +546,19 @@ def ranks(tmp_path_factory) -> list:
     cdata = make_tree(tmp / "corrupt" / "data" / "train", 4)  # 16 images, 2 of them unreadable
     for c in sorted(os.listdir(cdata))[:2]:
         (cdata / c / sorted(os.listdir(cdata / c))[0]).write_bytes(b"not an image")
-    return spawn(tmp, _all_worker, str(images), str(data), str(tmp / "e2e" / "ref"), str(tmp / "e2e"),
-                 str(tmp / "interclr"), str(idata), str(down), str(tmp / "down" / "runs"), str(cdata))
+    return spawn(
+        tmp,
+        _all_worker,
+        str(images),
+        str(data),
+        str(tmp / "e2e" / "ref"),
+        str(tmp / "e2e"),
+        str(tmp / "interclr"),
+        str(idata),
+        str(down),
+        str(tmp / "down" / "runs"),
+        str(cdata),
+    )
 
 
 def test_only_rank0_writes_and_kill_resume_matches_uninterrupted(tmp_path, ranks):
@@ -478,15 +570,31 @@ def test_only_rank0_writes_and_kill_resume_matches_uninterrupted(tmp_path, ranks
     s = r0["summary"]
     assert s["steps"] == 3 and s["epochs"] == 1 and "knn_top1" in s and "rankme" in s
     assert r1["summary"]["checkpoint"] == s["checkpoint"]
-    recs = [json.loads(l) for l in (ref_dir / "metrics.jsonl").read_text().splitlines()]
+    recs = [json.loads(ln) for ln in (ref_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["type"] for r in recs].count("epoch") == 1 and recs[0]["type"] == "monitor"  # one writer
     ref_ckpt = Path(s["checkpoint"])
 
     # 2) the same run (without monitors) under torchrun, SIGKILLed after its first checkpoint
     ov = _pretrain_overrides(dist_data, False)
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD), "--master-port", str(free_port()),
-           "-m", "interclr_cli", "pretrain", "--preset", "mocov2-r18-cifar", "--out", str(out), "--quiet", *ov]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(WORLD),
+        "--master-port",
+        str(free_port()),
+        "-m",
+        "interclr_cli",
+        "pretrain",
+        "--preset",
+        "mocov2-r18-cifar",
+        "--out",
+        str(out),
+        "--quiet",
+        *ov,
+    ]
     proc = subprocess.Popen(cmd, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     from interclr_cli.training.checkpoint import list_checkpoints
 
@@ -501,11 +609,22 @@ def test_only_rank0_writes_and_kill_resume_matches_uninterrupted(tmp_path, ranks
 
     # 3) resume it with 2 processes started the way srun starts them
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "interclr_cli", "pretrain", "--out", str(out), "--resume", "--json", "--quiet"],
-                              env=child_env(SLURM_PROCID=str(r), SLURM_NTASKS=str(WORLD), SLURM_LOCALID=str(r),
-                                            SLURM_JOB_NODELIST="localhost", MASTER_PORT=str(port)),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for r in range(WORLD)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "interclr_cli", "pretrain", "--out", str(out), "--resume", "--json", "--quiet"],
+            env=child_env(
+                SLURM_PROCID=str(r),
+                SLURM_NTASKS=str(WORLD),
+                SLURM_LOCALID=str(r),
+                SLURM_JOB_NODELIST="localhost",
+                MASTER_PORT=str(port),
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(WORLD)
+    ]
     results = [p.communicate(timeout=180) for p in procs]
     assert all(p.returncode == 0 for p in procs), [e[-2000:] for _, e in results]
     assert results[1][0] == "", "rank 1 printed on stdout"
@@ -527,22 +646,39 @@ def _interclr_overrides(data: Path) -> list[str]:
     # N = 16 (2 steps of 2 x 4 per epoch), K = 2, clusters below 4 members are dissolved and
     # refilled by a split, centroids every 2 steps, sampling with replacement (duplicate indices
     # inside a gathered batch)
-    return [f"data.root={data}", "train.epochs=2", *TINY, "train.batch_size=4", "train.keep_last=10",
-            "method.queue_size=16", "method.inter.num_clusters=2", "method.inter.min_cluster_size=4",
-            "method.inter.num_negatives=6", "method.inter.pool_fraction=0.5", "method.inter.centroid_update_every=2",
-            "method.inter.kmeans_iters=5", "method.inter.kmeans_gpu=false", "method.key_bn=shuffle"]
+    return [
+        f"data.root={data}",
+        "train.epochs=2",
+        *TINY,
+        "train.batch_size=4",
+        "train.keep_last=10",
+        "method.queue_size=16",
+        "method.inter.num_clusters=2",
+        "method.inter.min_cluster_size=4",
+        "method.inter.num_negatives=6",
+        "method.inter.pool_fraction=0.5",
+        "method.inter.centroid_update_every=2",
+        "method.inter.kmeans_iters=5",
+        "method.inter.kmeans_gpu=false",
+        "method.key_bn=shuffle",
+    ]
 
 
 def _interclr_state(method) -> dict:
-    return {"bank": method.bank.features.clone(), "labels": method.labels.labels.clone(),
-            "centroids": method.labels.centroids.clone(), "counts": method.labels.counts.clone(),
-            "queue": method.queue.clone(), "labels_epoch": method.labels_epoch.clone()}
+    return {
+        "bank": method.bank.features.clone(),
+        "labels": method.labels.labels.clone(),
+        "centroids": method.labels.centroids.clone(),
+        "counts": method.labels.counts.clone(),
+        "queue": method.queue.clone(),
+        "labels_epoch": method.labels_epoch.clone(),
+    }
 
 
 def _interclr_worker(root: str, overrides: list[str]) -> dict:
     """Three runs in the same 2 processes: uninterrupted; stopped at step 3 (mid-epoch 2); resumed."""
-    from interclr_cli.training import pretraining
     from interclr_cli.commands.pretrain import run_pretrain
+    from interclr_cli.training import pretraining
 
     built = []
     build = pretraining.build_method
@@ -551,7 +687,9 @@ def _interclr_worker(root: str, overrides: list[str]) -> dict:
     out: dict = {}
     out["ref"] = run_pretrain("r18-cifar", overrides, out=f"{root}/ref", resume=None, **common)
     out["ref_state"] = _interclr_state(built[-1])
-    out["part"] = run_pretrain("r18-cifar", overrides + ["train.max_steps=3"], out=f"{root}/part", resume=None, **common)
+    out["part"] = run_pretrain(
+        "r18-cifar", overrides + ["train.max_steps=3"], out=f"{root}/part", resume=None, **common
+    )
     out["part_state"] = _interclr_state(built[-1])
     out["resumed"] = run_pretrain(None, ["train.max_steps=0"], out=f"{root}/part", resume="__latest__", **common)
     out["resumed_state"] = _interclr_state(built[-1])
@@ -561,15 +699,21 @@ def _interclr_worker(root: str, overrides: list[str]) -> dict:
 def _corrupt_worker(root: str, data: str) -> dict:
     """InterCLR on 2 ranks over data with unreadable images: every rank must still step on a
     full batch (the gathers of keys and indices need equal shapes), so they are replaced."""
-    from interclr_cli.training import pretraining
     from interclr_cli.commands.pretrain import run_pretrain
+    from interclr_cli.training import pretraining
 
     built = []
     build = pretraining.build_method
     pretraining.build_method = lambda cfg, n: built.append(build(cfg, n)) or built[-1]
     try:
-        summary = run_pretrain("r18-cifar", _interclr_overrides(Path(data)) + ["data.replacement=false"],
-                               out=f"{root}/corrupt", resume=None, force=False, show_progress=False)
+        summary = run_pretrain(
+            "r18-cifar",
+            _interclr_overrides(Path(data)) + ["data.replacement=false"],
+            out=f"{root}/corrupt",
+            resume=None,
+            force=False,
+            show_progress=False,
+        )
     finally:
         pretraining.build_method = build
     return {"summary": summary, "state": _interclr_state(built[-1])}
@@ -627,10 +771,21 @@ def test_stopped_and_resumed_two_rank_run_matches_uninterrupted(interclr_runs):
 # -- downstream commands: 2 ranks vs 1 process on the same global batch ----------------------------
 
 # lr 0.2 given for a global batch of 16: 0.1 for the global batch of 8 (1 x 8 or 2 x 4)
-DOWN = ["data.image_size=16", "data.eval_resize=16", "data.num_workers=0", "device=cpu", "eval.feature_batch_size=64",
-        "train.log_every=1", "optim.lr=0.2", "optim.reference_batch=16"]
+DOWN = [
+    "data.image_size=16",
+    "data.eval_resize=16",
+    "data.num_workers=0",
+    "device=cpu",
+    "eval.feature_batch_size=64",
+    "train.log_every=1",
+    "optim.lr=0.2",
+    "optim.reference_batch=16",
+]
 GLOBAL_BATCH = 8
-LINEAR = {"augmented": ["eval.cached_features=false"], "cached": ["eval.cached_features=true", "eval.cached_aug_copies=1"]}
+LINEAR = {
+    "augmented": ["eval.cached_features=false"],
+    "cached": ["eval.cached_features=true", "eval.cached_aug_copies=1"],
+}
 
 
 def _downstream_data(root: Path) -> Path:
@@ -651,18 +806,31 @@ def _downstream(data: str, out: str) -> dict:
     kw = dict(force=False, show_progress=False)
     res = {}
     for name, extra in LINEAR.items():
-        res[f"linear_{name}"] = run_linear_eval("random:resnet18", "linear-r18-cifar", ov + ["train.epochs=2", *extra],
-                                                out=f"{out}/linear-{name}", **kw)
+        res[f"linear_{name}"] = run_linear_eval(
+            "random:resnet18", "linear-r18-cifar", ov + ["train.epochs=2", *extra], out=f"{out}/linear-{name}", **kw
+        )
     res["knn"] = run_knn("random:resnet18", "linear-r18-cifar", ov + ["eval.knn_k=[1,3,10]"], out=f"{out}/knn", **kw)
-    res["cluster"] = run_cluster("random:resnet18", "linear-r18-cifar", ov, out=f"{out}/cluster", k=4, pca=8, iters=10,
-                                 sheet_clusters=2, sheet_images=2, **kw)
+    res["cluster"] = run_cluster(
+        "random:resnet18",
+        "linear-r18-cifar",
+        ov,
+        out=f"{out}/cluster",
+        k=4,
+        pca=8,
+        iters=10,
+        sheet_clusters=2,
+        sheet_images=2,
+        **kw,
+    )
     # a small lr: 4 steps of a random network at 16 px (1 x 1 maps in layer3/4) amplify float noise
     ft = ov + ["data.label_fraction=1.0", "model.sync_bn=true", "optim.lr=0.002", "train.keep_last=5"]
     if dist.is_dist():
         run_finetune("random:resnet18", "finetune-r18-cifar", ft + ["train.epochs=1"], out=f"{out}/finetune", **kw)
         res["finetune"] = run_finetune(None, None, ["train.epochs=2"], out=f"{out}/finetune", resume="__latest__", **kw)
     else:
-        res["finetune"] = run_finetune("random:resnet18", "finetune-r18-cifar", ft + ["train.epochs=2"], out=f"{out}/finetune", **kw)
+        res["finetune"] = run_finetune(
+            "random:resnet18", "finetune-r18-cifar", ft + ["train.epochs=2"], out=f"{out}/finetune", **kw
+        )
     return res
 
 
@@ -714,7 +882,9 @@ def test_two_rank_knn_and_cluster_equal_one_process(downstream):
     def table(path):
         with open(path) as f:
             rows = list(csv.reader(f))[1:]
-        return [(Path(p).name, Path(p).parent.name, int(c)) for p, c, _ in rows], torch.tensor([float(d) for _, _, d in rows])
+        return [(Path(p).name, Path(p).parent.name, int(c)) for p, c, _ in rows], torch.tensor(
+            [float(d) for _, _, d in rows]
+        )
 
     (a, da), (b, db) = table(got["assignments"]), table(want["assignments"])
     assert a == b and len(a) == 16  # every image, in dataset order, in the same cluster
@@ -750,14 +920,21 @@ def test_two_rank_finetune_with_sync_bn_and_resume_matches_one_process(downstrea
     r0, r1, ref = downstream
     got, want = r0["results"]["finetune"], ref["finetune"]
     assert got["steps"] == want["steps"] == 4 and got["epochs"] == want["epochs"] == 2
-    assert Path(got["checkpoint"]).name == Path(want["checkpoint"]).name == r1["results"]["finetune"]["checkpoint"].rsplit("/", 1)[-1]
+    assert (
+        Path(got["checkpoint"]).name
+        == Path(want["checkpoint"]).name
+        == r1["results"]["finetune"]["checkpoint"].rsplit("/", 1)[-1]
+    )
     a, b = load_file(got["checkpoint"]), load_file(want["checkpoint"])
     model = [k for k in b if k.startswith("model.")]
     assert model and set(model) == {k for k in a if k.startswith("model.")}  # no module. prefix from DDP
     # with synchronised BatchNorm (normalisation and running statistics over the global batch) the
     # 2-rank run is the one-process run up to float noise; per-rank BatchNorm would be off by O(1)
-    worst = max(((a[k].double() - b[k].double()).abs().max() / b[k].double().abs().max().clamp(min=1e-6)).item()
-                for k in model if b[k].is_floating_point())
+    worst = max(
+        ((a[k].double() - b[k].double()).abs().max() / b[k].double().abs().max().clamp(min=1e-6)).item()
+        for k in model
+        if b[k].is_floating_point()
+    )
     assert worst < 2e-4, worst
     from interclr_cli.commands.linear_eval import new_linear
 

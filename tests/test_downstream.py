@@ -10,27 +10,32 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY, assert_clean_error, make_tree, run_cli
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from scipy.optimize import linear_sum_assignment
 
-from interclr_cli.config import load_config
-from interclr_cli.data import eval_transform, index_source
-from interclr_cli.commands import linear_probe, load_backbone, run_finetune, run_knn, run_rankme
 from interclr_cli.commands import knn as knn_mod
+from interclr_cli.commands import linear_probe, load_backbone, run_finetune, run_knn, run_rankme
 from interclr_cli.commands.common import labelled_splits
 from interclr_cli.commands.finetune import choose_subset
-from interclr_cli.training.features import extract
-from interclr_cli.runtime.progress import Reporter
-from interclr_cli.training.rundir import MetricsLog
+from interclr_cli.config import load_config
+from interclr_cli.data import eval_transform, index_source
 from interclr_cli.errors import UserError
 from interclr_cli.eval.rankme import rankme
-
-from conftest import TINY, assert_clean_error, make_tree, run_cli
+from interclr_cli.runtime.progress import Reporter
+from interclr_cli.training.features import extract
+from interclr_cli.training.rundir import MetricsLog
 
 # Tiny settings for the downstream presets: 16 px, no workers, CPU.
-SMALL = ["data.image_size=16", "data.eval_resize=16", "data.num_workers=0", "device=cpu", "train.batch_size=8",
-         "eval.feature_batch_size=64"]
+SMALL = [
+    "data.image_size=16",
+    "data.eval_resize=16",
+    "data.num_workers=0",
+    "device=cpu",
+    "train.batch_size=8",
+    "eval.feature_batch_size=64",
+]
 LIN = "linear-r18-cifar"
 
 
@@ -52,8 +57,14 @@ def ckpt(data, tmp_path_factory) -> Path:
     from interclr_cli.commands.pretrain import run_pretrain
 
     out = tmp_path_factory.mktemp("pre") / "run"
-    res = run_pretrain("mocov2-r18-cifar", [f"data.root={data / 'train'}", "train.epochs=1", "train.max_steps=1", *TINY],
-                       out=str(out), resume=None, force=False, show_progress=False)
+    res = run_pretrain(
+        "mocov2-r18-cifar",
+        [f"data.root={data / 'train'}", "train.epochs=1", "train.max_steps=1", *TINY],
+        out=str(out),
+        resume=None,
+        force=False,
+        show_progress=False,
+    )
     return Path(res["checkpoint"])
 
 
@@ -68,6 +79,7 @@ def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 # --- checkpoint loading ----------------------------------------------------------------------------
+
 
 def test_load_backbone_reads_pretrain_and_random(ckpt):
     backbone, head, info = load_backbone(ckpt)
@@ -121,12 +133,15 @@ def test_missing_data_is_a_one_line_error(cli, data, ckpt, tmp_path):
     assert_clean_error(cli("knn", ckpt, "--preset", LIN, *SMALL), 2, "data.root")  # the preset leaves data.root empty
     only_train = tmp_path / "only"
     make_tree(only_train / "train", 2, classes=2)
-    assert_clean_error(cli("linear-eval", ckpt, f"data.root={only_train}", *SMALL, "--out", tmp_path / "r"), 2, "data.val")
+    assert_clean_error(
+        cli("linear-eval", ckpt, f"data.root={only_train}", *SMALL, "--out", tmp_path / "r"), 2, "data.val"
+    )
     assert not (tmp_path / "r").exists()  # nothing is created before the inputs are checked
     assert_clean_error(cli("rankme", ckpt, f"data.root={tmp_path / 'nowhere'}", *SMALL), 2, "does not exist")
 
 
 # --- linear-eval -----------------------------------------------------------------------------------
+
 
 def _synthetic(root: Path, size: int = 16) -> Path:
     """Three linearly separable classes: noisy red, green and blue squares."""
@@ -145,12 +160,23 @@ def _synthetic(root: Path, size: int = 16) -> Path:
 @pytest.mark.parametrize("cached", [True, False])
 def test_linear_eval_separable_reaches_100_and_backbone_is_untouched(tmp_path, cached):
     root = _synthetic(tmp_path / "synth")
-    cfg = load_config(LIN, [f"data.root={root}", *SMALL, "train.epochs=8", "optim.lr=0.1", f"eval.cached_features={cached}",
-                            "eval.cached_aug_copies=1"])
+    cfg = load_config(
+        LIN,
+        [
+            f"data.root={root}",
+            *SMALL,
+            "train.epochs=8",
+            "optim.lr=0.1",
+            f"eval.cached_features={cached}",
+            "eval.cached_aug_copies=1",
+        ],
+    )
     backbone, _, _ = load_backbone("random:resnet18")
     before = _state(backbone)
     train, val = labelled_splits(cfg)
-    fc, res = linear_probe(backbone, train, val, cfg, torch.device("cpu"), Reporter(enabled=False), MetricsLog(tmp_path / "m.jsonl"))
+    fc, res = linear_probe(
+        backbone, train, val, cfg, torch.device("cpu"), Reporter(enabled=False), MetricsLog(tmp_path / "m.jsonl")
+    )
     assert res["top1"] == 100.0 and res["mode"] == ("cached-features" if cached else "augmented")
     assert len(res["history"]) == 8
     after = backbone.state_dict()
@@ -161,22 +187,37 @@ def test_linear_eval_separable_reaches_100_and_backbone_is_untouched(tmp_path, c
 
 def test_linear_eval_cli_outputs(cli, data, ckpt, tmp_path):
     out = tmp_path / "lin"
-    res = cli("linear-eval", ckpt, "--preset", LIN, f"data.root={data}", *SMALL, "train.epochs=2", "--cached-features",
-              "--out", out, "--json", "-q")
+    res = cli(
+        "linear-eval",
+        ckpt,
+        "--preset",
+        LIN,
+        f"data.root={data}",
+        *SMALL,
+        "train.epochs=2",
+        "--cached-features",
+        "--out",
+        out,
+        "--json",
+        "-q",
+    )
     assert res.returncode == 0, res.stderr
     summary = json.loads(res.stdout)
     assert {"top1", "top5", "checkpoint"} <= set(summary) and summary["mode"] == "cached-features"
     assert 0 <= summary["top1"] <= summary["top5"] <= 100
-    epochs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    epochs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in epochs if r["type"] == "epoch"] == [1, 2]
     clf = load_file(summary["checkpoint"])
     assert clf["weight"].shape == (4, 512) and clf["bias"].shape == (4,)
     assert (out / "config.yaml").is_file() and not (out / "checkpoints").exists()
     # the same folder again is refused, --force redoes it
-    assert_clean_error(cli("linear-eval", ckpt, "--preset", LIN, f"data.root={data}", *SMALL, "--out", out), 2, "already exists")
+    assert_clean_error(
+        cli("linear-eval", ckpt, "--preset", LIN, f"data.root={data}", *SMALL, "--out", out), 2, "already exists"
+    )
 
 
 # --- finetune --------------------------------------------------------------------------------------
+
 
 def test_label_fraction_is_stratified_and_reproducible(data):
     cfg = load_config("finetune-r18-cifar", [f"data.root={data}", "data.label_fraction=0.25", "seed=3"])
@@ -200,13 +241,19 @@ def test_label_fraction_and_list_errors(cli, data, ckpt, tmp_path):
 
 def test_finetune_resume_equals_uninterrupted(data, ckpt, tmp_path):
     ov = [f"data.root={data}", *SMALL, "data.label_fraction=0.5", "optim.head_lr_mult=10"]
-    full = run_finetune(str(ckpt), "finetune-r18-cifar", ov + ["train.epochs=2"], out=str(tmp_path / "a"), show_progress=False)
+    full = run_finetune(
+        str(ckpt), "finetune-r18-cifar", ov + ["train.epochs=2"], out=str(tmp_path / "a"), show_progress=False
+    )
     assert full["epochs"] == 2 and full["steps"] == 6 and full["num_labelled"] == 24
     assert {"top1", "top5", "checkpoint"} <= set(full)
-    lines = [l.split() for l in (tmp_path / "a" / "label_subset.txt").read_text().splitlines() if not l.startswith("#")]
-    assert len(lines) == 24 and np.bincount([int(l[-1]) for l in lines]).tolist() == [6, 6, 6, 6]
+    lines = [
+        ln.split() for ln in (tmp_path / "a" / "label_subset.txt").read_text().splitlines() if not ln.startswith("#")
+    ]
+    assert len(lines) == 24 and np.bincount([int(ln[-1]) for ln in lines]).tolist() == [6, 6, 6, 6]
     run_finetune(str(ckpt), "finetune-r18-cifar", ov + ["train.epochs=1"], out=str(tmp_path / "b"), show_progress=False)
-    resumed = run_finetune(None, None, ["train.epochs=2"], out=str(tmp_path / "b"), resume="__latest__", show_progress=False)
+    resumed = run_finetune(
+        None, None, ["train.epochs=2"], out=str(tmp_path / "b"), resume="__latest__", show_progress=False
+    )
     ta, tb = load_file(full["checkpoint"]), load_file(resumed["checkpoint"])
     model = [k for k in ta if k.startswith(("model.", "optim."))]
     assert model and all(torch.equal(ta[k], tb[k]) for k in model)
@@ -224,10 +271,17 @@ def test_finetune_resume_equals_uninterrupted(data, ckpt, tmp_path):
 
 # --- knn -------------------------------------------------------------------------------------------
 
+
 def test_knn_matches_direct_computation(data, tmp_path, monkeypatch):
     monkeypatch.setattr(knn_mod, "BLOCK_BYTES", 4 * 48 * 3)  # 3 val rows per chunk
-    res = run_knn("random:resnet18", LIN, [f"data.root={data}", *SMALL, "eval.knn_k=[1,5,20]"], out=str(tmp_path / "k"),
-                  force=False, show_progress=False)
+    res = run_knn(
+        "random:resnet18",
+        LIN,
+        [f"data.root={data}", *SMALL, "eval.knn_k=[1,5,20]"],
+        out=str(tmp_path / "k"),
+        force=False,
+        show_progress=False,
+    )
     assert set(res["top1"]) == {"1", "5", "20"}
     cfg = load_config(LIN, [f"data.root={data}", *SMALL])
     backbone, _, _ = load_backbone("random:resnet18")
@@ -246,14 +300,34 @@ def test_knn_matches_direct_computation(data, tmp_path, monkeypatch):
 
 
 def test_knn_k_larger_than_train_set_is_an_error(cli, data, tmp_path):
-    assert_clean_error(cli("knn", "random:resnet18", f"data.root={data}", *SMALL, "--k", "500", "--out", tmp_path / "k"), 2, "smaller --k")
+    assert_clean_error(
+        cli("knn", "random:resnet18", f"data.root={data}", *SMALL, "--k", "500", "--out", tmp_path / "k"),
+        2,
+        "smaller --k",
+    )
 
 
 # --- cluster ---------------------------------------------------------------------------------------
 
+
 def test_cluster_outputs_and_metrics(cli, data, ckpt, tmp_path):
     out = tmp_path / "cl"
-    res = cli("cluster", ckpt, f"data.root={data}", *SMALL, "--k", "4", "--pca", "8", "--sheet-images", "3", "--out", out, "--json", "-q")
+    res = cli(
+        "cluster",
+        ckpt,
+        f"data.root={data}",
+        *SMALL,
+        "--k",
+        "4",
+        "--pca",
+        "8",
+        "--sheet-images",
+        "3",
+        "--out",
+        out,
+        "--json",
+        "-q",
+    )
     assert res.returncode == 0, res.stderr
     r = json.loads(res.stdout)
     assert r["k"] == 4 and {"nmi", "ari", "ami", "purity", "accuracy", "assignments"} <= set(r)
@@ -284,9 +358,16 @@ def test_cluster_outputs_and_metrics(cli, data, ckpt, tmp_path):
 
 # --- rankme ----------------------------------------------------------------------------------------
 
+
 def test_rankme_matches_direct_computation(data, ckpt, tmp_path):
-    res = run_rankme(str(ckpt), LIN, [f"data.root={data}", *SMALL, "monitor.rankme_samples=30"], out=str(tmp_path / "r"),
-                     force=False, show_progress=False)
+    res = run_rankme(
+        str(ckpt),
+        LIN,
+        [f"data.root={data}", *SMALL, "monitor.rankme_samples=30"],
+        out=str(tmp_path / "r"),
+        force=False,
+        show_progress=False,
+    )
     assert res["num_images"] == 30 and 1.0 <= res["rankme_embedding"] <= 30 and 1.0 <= res["rankme_backbone"] <= 30
     backbone, head, _ = load_backbone(ckpt)
     cfg = load_config(LIN, [f"data.root={data}", *SMALL])
@@ -294,8 +375,13 @@ def test_rankme_matches_direct_computation(data, ckpt, tmp_path):
     from interclr_cli.training.features import subset_index
 
     pos = np.sort(np.random.default_rng(12345).permutation(48)[:30])
-    (f, e), _ = extract(lambda x: (backbone(x), head(backbone(x))), subset_index(index, pos), eval_transform(cfg.data),
-                        device=torch.device("cpu"), num_workers=0)
+    (f, e), _ = extract(
+        lambda x: (backbone(x), head(backbone(x))),
+        subset_index(index, pos),
+        eval_transform(cfg.data),
+        device=torch.device("cpu"),
+        num_workers=0,
+    )
     assert res["rankme_backbone"] == pytest.approx(rankme(f)) and res["rankme_embedding"] == pytest.approx(rankme(e))
 
 

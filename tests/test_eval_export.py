@@ -10,8 +10,16 @@ import torchvision
 from safetensors.torch import load_file
 
 from interclr_cli.errors import UserError
-from interclr_cli.models.export import backbone_state_dict, convert_moco_checkpoint, export_onnx, export_torchscript, infer_arch, read_pickle_checkpoint, write_torchvision_export
 from interclr_cli.models import build_backbone, torchvision_resnet
+from interclr_cli.models.export import (
+    backbone_state_dict,
+    convert_moco_checkpoint,
+    export_onnx,
+    export_torchscript,
+    infer_arch,
+    read_pickle_checkpoint,
+    write_torchvision_export,
+)
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
@@ -54,8 +62,15 @@ def test_backbone_state_dict_is_torchvision_named_and_cloned(backbone):
 def test_export_without_fc_loads_into_torchvision(tmp_path: Path, backbone):
     out = tmp_path / "exp" / "backbone.safetensors"
     meta_path = write_torchvision_export(
-        backbone_state_dict(backbone), out, arch="resnet18", small_stem=False, image_size=224, mean=MEAN, std=STD,
-        fc=None, extra_meta={"epoch": 200},
+        backbone_state_dict(backbone),
+        out,
+        arch="resnet18",
+        small_stem=False,
+        image_size=224,
+        mean=MEAN,
+        std=STD,
+        fc=None,
+        extra_meta={"epoch": 200},
     )
     assert meta_path == out.with_suffix(".json") and out.is_file()
     assert sorted(p.name for p in out.parent.iterdir()) == ["backbone.json", "backbone.safetensors"]  # no temp files
@@ -79,8 +94,15 @@ def test_export_with_fc_loads_strict(tmp_path: Path, backbone):
     head = nn.Linear(512, 10)
     out = tmp_path / "classifier.safetensors"
     write_torchvision_export(
-        backbone_state_dict(backbone), out, arch="resnet18", small_stem=False, image_size=224, mean=MEAN, std=STD,
-        fc={"weight": head.weight, "bias": head.bias}, extra_meta={},
+        backbone_state_dict(backbone),
+        out,
+        arch="resnet18",
+        small_stem=False,
+        image_size=224,
+        mean=MEAN,
+        std=STD,
+        fc={"weight": head.weight, "bias": head.bias},
+        extra_meta={},
     )
     tv = torchvision.models.resnet18(num_classes=10)
     tv.load_state_dict(load_file(out), strict=True)
@@ -95,8 +117,15 @@ def test_small_stem_export_describes_the_stem(tmp_path: Path, small_backbone):
     backbone = small_backbone
     out = tmp_path / "small.safetensors"
     write_torchvision_export(
-        backbone_state_dict(backbone), out, arch="resnet18", small_stem=True, image_size=32,
-        mean=[0.5] * 3, std=[0.25] * 3, fc=None, extra_meta={},
+        backbone_state_dict(backbone),
+        out,
+        arch="resnet18",
+        small_stem=True,
+        image_size=32,
+        mean=[0.5] * 3,
+        std=[0.25] * 3,
+        fc=None,
+        extra_meta={},
     )
     meta = json.loads(out.with_suffix(".json").read_text())
     assert meta["small_stem"] is True
@@ -115,14 +144,41 @@ def test_small_stem_export_describes_the_stem(tmp_path: Path, small_backbone):
 def test_export_rejects_mismatched_weights(tmp_path: Path, small_backbone):
     state = backbone_state_dict(small_backbone)
     with pytest.raises(UserError, match="conv1.weight has shape"):
-        write_torchvision_export(state, tmp_path / "a.safetensors", arch="resnet18", small_stem=False, image_size=224,
-                                 mean=MEAN, std=STD, fc=None, extra_meta={})
+        write_torchvision_export(
+            state,
+            tmp_path / "a.safetensors",
+            arch="resnet18",
+            small_stem=False,
+            image_size=224,
+            mean=MEAN,
+            std=STD,
+            fc=None,
+            extra_meta={},
+        )
     with pytest.raises(UserError, match="missing"):
-        write_torchvision_export(state, tmp_path / "a.safetensors", arch="resnet34", small_stem=True, image_size=32,
-                                 mean=MEAN, std=STD, fc=None, extra_meta={})
+        write_torchvision_export(
+            state,
+            tmp_path / "a.safetensors",
+            arch="resnet34",
+            small_stem=True,
+            image_size=32,
+            mean=MEAN,
+            std=STD,
+            fc=None,
+            extra_meta={},
+        )
     with pytest.raises(UserError, match=".safetensors"):
-        write_torchvision_export(state, tmp_path / "a.pt", arch="resnet18", small_stem=True, image_size=32,
-                                 mean=MEAN, std=STD, fc=None, extra_meta={})
+        write_torchvision_export(
+            state,
+            tmp_path / "a.pt",
+            arch="resnet18",
+            small_stem=True,
+            image_size=32,
+            mean=MEAN,
+            std=STD,
+            fc=None,
+            extra_meta={},
+        )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -176,8 +232,16 @@ def moco_state(arch="resnet18", hidden=512):
 def test_read_and_convert_moco_checkpoint(tmp_path: Path):
     state = moco_state()
     path = tmp_path / "checkpoint_0199.pth.tar"
-    torch.save({"epoch": 200, "arch": "resnet18", "state_dict": state, "optimizer": {"state": {}, "param_groups": []},
-                "args": argparse.Namespace(lr=0.03)}, path)
+    torch.save(
+        {
+            "epoch": 200,
+            "arch": "resnet18",
+            "state_dict": state,
+            "optimizer": {"state": {}, "param_groups": []},
+            "args": argparse.Namespace(lr=0.03),
+        },
+        path,
+    )
     ckpt = read_pickle_checkpoint(path)
     assert ckpt["epoch"] == 200 and ckpt["args"].lr == 0.03
     backbone, head, arch = convert_moco_checkpoint(ckpt)

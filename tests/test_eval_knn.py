@@ -11,9 +11,7 @@ def brute_force(train, train_y, test, k, T, num_classes):
     """Direct NPID/DINO weighted kNN, one test sample at a time."""
     preds = []
     for q in test:
-        sims = [
-            float((q @ t) / (q.norm() * t.norm())) for t in train
-        ]
+        sims = [float((q @ t) / (q.norm() * t.norm())) for t in train]
         order = sorted(range(len(sims)), key=lambda i: -sims[i])[:k]
         votes = [0.0] * num_classes
         for i in order:

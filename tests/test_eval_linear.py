@@ -8,7 +8,6 @@ from interclr_cli.errors import UserError, WorkError
 from interclr_cli.eval.linear import score_classifier, topk_accuracy, topk_correct, train_linear_on_features
 from interclr_cli.training.optim import lr_factor
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -29,8 +28,15 @@ def per_epoch(lr: float, epochs: int, **optim):
 def run(lr=0.1, epochs=8, optim=None, **overrides):
     x, y = separable()
     vx, vy = separable(noise_seed=1, n_per_class=10)
-    kwargs = dict(epochs=epochs, lr_at=per_epoch(lr, epochs, **(optim or {})), momentum=0.9, weight_decay=1e-4,
-                  batch_size=32, seed=0, device="cpu")
+    kwargs = dict(
+        epochs=epochs,
+        lr_at=per_epoch(lr, epochs, **(optim or {})),
+        momentum=0.9,
+        weight_decay=1e-4,
+        batch_size=32,
+        seed=0,
+        device="cpu",
+    )
     kwargs.update(overrides)
     return train_linear_on_features(x, y, vx, vy, 6, **kwargs)
 
@@ -74,8 +80,20 @@ def test_topk_accuracy():
 def test_bad_inputs_and_divergence():
     x, y = separable()
     with pytest.raises(UserError, match="num_classes"):
-        train_linear_on_features(x, y, x, y, 3, epochs=1, lr_at=lambda e: 0.1, momentum=0.9, weight_decay=0, batch_size=8,
-                                 seed=0, device="cpu")
+        train_linear_on_features(
+            x,
+            y,
+            x,
+            y,
+            3,
+            epochs=1,
+            lr_at=lambda e: 0.1,
+            momentum=0.9,
+            weight_decay=0,
+            batch_size=8,
+            seed=0,
+            device="cpu",
+        )
     with pytest.raises(WorkError, match="lower optim.lr"):
         run(lr=1e30, epochs=2)
 

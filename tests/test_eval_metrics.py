@@ -5,10 +5,9 @@ from collections import Counter
 
 import numpy as np
 import pytest
-
-from interclr_cli.errors import UserError
 from sklearn import metrics as skm
 
+from interclr_cli.errors import UserError
 from interclr_cli.eval.metrics import ami, ari, cluster_report, contingency, hungarian_accuracy, nmi, purity
 
 # ----------------------------------------------------------------------------- direct formulas
@@ -147,7 +146,17 @@ def direct_emi_formula(t, p):
     for a in Counter(t.tolist()).values():
         for b in Counter(p.tolist()).values():
             for nij in range(max(1, a + b - n), min(a, b) + 1):
-                logp = lf(a) + lf(b) + lf(n - a) + lf(n - b) - lf(n) - lf(nij) - lf(a - nij) - lf(b - nij) - lf(n - a - b + nij)
+                logp = (
+                    lf(a)
+                    + lf(b)
+                    + lf(n - a)
+                    + lf(n - b)
+                    - lf(n)
+                    - lf(nij)
+                    - lf(a - nij)
+                    - lf(b - nij)
+                    - lf(n - a - b + nij)
+                )
                 total += nij / n * math.log(n * nij / (a * b)) * math.exp(logp)
     return total
 

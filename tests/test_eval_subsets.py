@@ -37,9 +37,7 @@ def test_bad_fraction(fraction):
 
 
 def dataset():
-    return [
-        f"/data/imagenet/train/{wnid}/{wnid}_{i}.JPEG" for wnid in ("n01440764", "n01443537") for i in range(5)
-    ]
+    return [f"/data/imagenet/train/{wnid}/{wnid}_{i}.JPEG" for wnid in ("n01440764", "n01443537") for i in range(5)]
 
 
 def test_subset_from_list_by_file_name_and_relative_path(tmp_path: Path):

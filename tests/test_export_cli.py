@@ -9,17 +9,16 @@ import pytest
 import torch
 import torch.nn as nn
 import torchvision
+from conftest import TINY, assert_clean_error, run_cli
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from interclr_cli.config import load_config, to_mapping
-from interclr_cli.training.checkpoint import save_training_checkpoint
 from interclr_cli.commands import backbone_fingerprint, load_backbone
 from interclr_cli.commands.loading import save_classifier
+from interclr_cli.config import load_config, to_mapping
 from interclr_cli.methods import build_method
 from interclr_cli.models import torchvision_resnet
-
-from conftest import TINY, assert_clean_error, run_cli
+from interclr_cli.training.checkpoint import save_training_checkpoint
 
 SMALL = ["data.image_size=16", "data.eval_resize=16", "device=cpu"]
 
@@ -38,8 +37,16 @@ def ckpt(tmp_path_factory) -> Path:
         method.encoder_q(torch.randn(8, 3, 16, 16))
     opt = torch.optim.SGD(method.trainable_parameters(), lr=0.1)
     path = tmp_path_factory.mktemp("ck") / "ckpt.safetensors"
-    save_training_checkpoint(path, model_state=method.state_dict(), extra_state={}, optimizer=opt, config=to_mapping(cfg),
-                             epoch=1, step=2, step_in_epoch=0)
+    save_training_checkpoint(
+        path,
+        model_state=method.state_dict(),
+        extra_state={},
+        optimizer=opt,
+        config=to_mapping(cfg),
+        epoch=1,
+        step=2,
+        step_in_epoch=0,
+    )
     return path
 
 
@@ -100,7 +107,9 @@ def _classifier(ckpt: Path, path: Path, classes: int = 4) -> tuple[torch.Tensor,
     backbone, _, info = load_backbone(ckpt)
     g = torch.Generator().manual_seed(2)
     w, b = torch.randn(classes, 512, generator=g) * 0.1, torch.randn(classes, generator=g)
-    save_classifier(path, w, b, info=info, fingerprint=backbone_fingerprint(backbone), classes=[f"c{i}" for i in range(classes)])
+    save_classifier(
+        path, w, b, info=info, fingerprint=backbone_fingerprint(backbone), classes=[f"c{i}" for i in range(classes)]
+    )
     return w, b
 
 
@@ -116,11 +125,24 @@ def test_classifier_export_loads_strictly_into_torchvision(cli, ckpt, tmp_path):
         assert torch.allclose(tv.eval()(X), backbone(X) @ w.T + b, atol=1e-5)
     assert json.loads(out.with_suffix(".json").read_text())["meta"]["classes"] == ["c0", "c1", "c2", "c3"]
     # a classifier trained on another backbone is refused
-    assert_clean_error(cli("export", "random:resnet18", "--classifier", tmp_path / "classifier.safetensors", "-o",
-                           tmp_path / "x.safetensors", *SMALL), 2, "another backbone")
+    assert_clean_error(
+        cli(
+            "export",
+            "random:resnet18",
+            "--classifier",
+            tmp_path / "classifier.safetensors",
+            "-o",
+            tmp_path / "x.safetensors",
+            *SMALL,
+        ),
+        2,
+        "another backbone",
+    )
 
 
-@pytest.mark.parametrize("fmt, part", [("torchscript", "embedding"), ("torchscript", "classifier"), ("onnx", "classifier")])
+@pytest.mark.parametrize(
+    "fmt, part", [("torchscript", "embedding"), ("torchscript", "classifier"), ("onnx", "classifier")]
+)
 def test_traced_exports_match_pytorch(cli, ckpt, tmp_path, fmt, part):
     ort = pytest.importorskip("onnxruntime") if fmt == "onnx" else None
     w, b = _classifier(ckpt, tmp_path / "classifier.safetensors")
@@ -182,7 +204,9 @@ def test_import_from_moco_and_torchvision(cli, tmp_path):
     # a pickle holding arbitrary Python objects is refused by weights_only loading
     bad = tmp_path / "evil.pth"
     torch.save({"state_dict": tv.state_dict(), "obj": PurePosixPath("x")}, bad)
-    assert_clean_error(cli("export", "--from-torchvision", bad, "-o", tmp_path / "e.safetensors", *SMALL), 2, "safe loading refuses")
+    assert_clean_error(
+        cli("export", "--from-torchvision", bad, "-o", tmp_path / "e.safetensors", *SMALL), 2, "safe loading refuses"
+    )
 
 
 def test_export_errors(cli, ckpt, tmp_path):
@@ -194,8 +218,20 @@ def test_export_errors(cli, ckpt, tmp_path):
         (["export", ckpt, "--format", "tflite", "-o", o], "--format must be one of"),
         (["export", ckpt, "--from-moco", ckpt, "-o", o], "exactly one input"),
         (["export", "-o", o], "exactly one input"),
-        (["export", "random:resnet18", "--part", "embedding", "--format", "onnx", "-o", tmp_path / "e.onnx", "model.arch=resnet50"],
-         "model.arch=resnet50"),
+        (
+            [
+                "export",
+                "random:resnet18",
+                "--part",
+                "embedding",
+                "--format",
+                "onnx",
+                "-o",
+                tmp_path / "e.onnx",
+                "model.arch=resnet50",
+            ],
+            "model.arch=resnet50",
+        ),
     ]
     for args, fragment in cases:
         assert_clean_error(cli(*args, *SMALL), 2, fragment)

@@ -12,7 +12,6 @@ from interclr_cli.methods import TrainContext, build_method
 from interclr_cli.methods import interclr as interclr_mod
 from interclr_cli.methods.interclr import effective_num_clusters, effective_pool_size
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 N = 48
@@ -41,8 +40,14 @@ def _ctx(images, resumed=False):
         with torch.no_grad():
             return torch.cat([fn(images[s : s + 16]) for s in range(0, images.shape[0], 16)])
 
-    return TrainContext(device=torch.device("cpu"), num_samples=images.shape[0], steps_per_epoch=6,
-                        resumed=resumed, extract=extract, log=lambda s: None)
+    return TrainContext(
+        device=torch.device("cpu"),
+        num_samples=images.shape[0],
+        steps_per_epoch=6,
+        resumed=resumed,
+        extract=extract,
+        log=lambda s: None,
+    )
 
 
 # Logic-only tests use the ImageNet stem (16 px -> 4 px after the stem: ~16x cheaper); the tests
@@ -156,19 +161,20 @@ def test_extra_state_round_trip_reproduces_the_next_negatives(monkeypatch):
 
 def test_warmup_epochs_train_intra_only():
     m = _method(*LIGHT, "method.inter.warmup_epochs=1")
-    (loss, logs), = _run(m, 1, epoch=0)
+    ((loss, logs),) = _run(m, 1, epoch=0)
     assert "loss_inter" not in logs and torch.allclose(loss, logs["loss_intra"])
-    (loss, logs), = _run(m, 1, start=1, epoch=1)
+    ((loss, logs),) = _run(m, 1, start=1, epoch=1)
     assert "loss_inter" in logs
     assert torch.allclose(loss, 0.75 * logs["loss_intra"] + 0.25 * logs["loss_inter"], atol=1e-5)
 
 
 def test_other_sampling_modes_and_angular_margin():
-    m = _method(*LIGHT, "method.inter.margin_type=angular", "method.inter.pool_threshold=sampled",
-                "method.inter.pool_sample=16")
+    m = _method(
+        *LIGHT, "method.inter.margin_type=angular", "method.inter.pool_threshold=sampled", "method.inter.pool_sample=16"
+    )
     for i, mode in enumerate(["hard", "random", "semieasy"]):
         m.inter_cfg.neg_sampling = mode  # this method's own config copy
-        (loss, logs), = _run(m, 1, start=i)
+        ((loss, logs),) = _run(m, 1, start=i)
         assert torch.isfinite(loss) and torch.isfinite(logs["loss_inter"])
     _check_state(m)
 

@@ -75,7 +75,9 @@ def layer_violations(edges) -> list[str]:
     bad = []
     for (src, dst), files in sorted(edges.items()):
         if src not in RANK or dst not in RANK:
-            bad.append(f"{src} -> {dst} ({files[0]}): {src if src not in RANK else dst} is in no layer; add it to LAYERS")
+            bad.append(
+                f"{src} -> {dst} ({files[0]}): {src if src not in RANK else dst} is in no layer; add it to LAYERS"
+            )
         elif RANK[dst] < RANK[src]:
             bad.append(f"{src} -> {dst} ({files[0]}): a lower layer imports a higher one")
     return bad
@@ -91,7 +93,7 @@ def cycles(edges) -> list[list[str]]:
     def visit(node: str, stack: list[str]) -> None:
         for nxt in sorted(graph[node]):
             if nxt in stack:
-                cyc = stack[stack.index(nxt):]
+                cyc = stack[stack.index(nxt) :]
                 key = frozenset(cyc)
                 if key not in seen:
                     seen.add(key)
@@ -112,8 +114,11 @@ def test_imports_point_down_the_layers_without_cycles():
 
 
 def test_every_unit_of_the_package_is_in_a_layer():
-    units = {p.stem if p.is_file() else p.name for p in PKG.iterdir()
-             if (p.suffix == ".py" and p.stem != "__init__") or (p / "__init__.py").is_file()}
+    units = {
+        p.stem if p.is_file() else p.name
+        for p in PKG.iterdir()
+        if (p.suffix == ".py" and p.stem != "__init__") or (p / "__init__.py").is_file()
+    }
     assert units - set(RANK) == set(), "add new subpackages/modules to LAYERS"
 
 

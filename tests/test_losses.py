@@ -10,7 +10,6 @@ import torch.nn.functional as F
 
 from interclr_cli.losses import info_nce, margin_nce, margin_positive_logit
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -79,9 +78,7 @@ def test_neg_valid_drops_entries():
     neg = torch.tensor([[0.1, 0.9, -0.2], [0.5, 0.2, 0.0]])
     valid = torch.tensor([[True, False, True], [True, True, True]])
     got = margin_nce(pos, neg, 0.1, 0.0, neg_valid=valid)
-    want = 0.5 * (
-        margin_nce(pos[:1], neg[:1, [0, 2]], 0.1) + margin_nce(pos[1:], neg[1:], 0.1)
-    )
+    want = 0.5 * (margin_nce(pos[:1], neg[:1, [0, 2]], 0.1) + margin_nce(pos[1:], neg[1:], 0.1))
     assert got.item() == pytest.approx(want.item(), rel=1e-6)
 
 

@@ -8,7 +8,6 @@ import torch.nn.functional as F
 
 from interclr_cli.memory import MemoryBank, last_occurrence
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

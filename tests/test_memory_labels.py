@@ -10,7 +10,6 @@ import torch.nn.functional as F
 
 from interclr_cli.memory import MemoryBank, OnlineLabels, two_means
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -9,7 +9,6 @@ from scipy.stats import chi2
 from interclr_cli.memory import NEG_MODES, LabelIndex, pool_threshold, sample_negatives, sample_positives
 from interclr_cli.memory.sampling import sampled_pool_cap
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

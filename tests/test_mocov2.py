@@ -8,7 +8,13 @@ import torch.nn.functional as F
 from interclr_cli.config import load_config
 from interclr_cli.methods import build_method
 
-TINY = ["model.arch=resnet18", "model.small_stem=false", "model.head_hidden=32", "model.embed_dim=8", "method.queue_size=10"]
+TINY = [
+    "model.arch=resnet18",
+    "model.small_stem=false",
+    "model.head_hidden=32",
+    "model.embed_dim=8",
+    "method.queue_size=10",
+]
 
 
 def _method(*extra):
@@ -18,7 +24,12 @@ def _method(*extra):
 
 def _batch(b=4, size=16):
     x = torch.randn(b, 3, size, size)
-    return {"view1": x, "view2": torch.randn(b, 3, size, size), "index": torch.arange(b), "label": torch.zeros(b, dtype=torch.long)}
+    return {
+        "view1": x,
+        "view2": torch.randn(b, 3, size, size),
+        "index": torch.arange(b),
+        "label": torch.zeros(b, dtype=torch.long),
+    }
 
 
 def test_key_encoder_starts_as_a_copy_without_gradients():

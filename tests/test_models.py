@@ -22,13 +22,16 @@ def _pair(k, s, p, bias):
     return ref, fast
 
 
-@pytest.mark.parametrize("h,w,k,s,p", [
-    (1, 1, 3, 1, 1),  # ResNet layer4 at 32 px: 3x3 conv over a 1x1 map (only the centre tap is real)
-    (2, 2, 3, 2, 1),  # layer4's first conv: 2x2 -> 1x1, stride 2
-    (2, 2, 1, 2, 0),  # its 1x1 stride-2 shortcut
-    (3, 4, 3, 2, 0),  # unpadded, rectangular, the last column outside the window
-    (1, 2, 5, 3, 2),  # padding larger than the map on one side
-])
+@pytest.mark.parametrize(
+    "h,w,k,s,p",
+    [
+        (1, 1, 3, 1, 1),  # ResNet layer4 at 32 px: 3x3 conv over a 1x1 map (only the centre tap is real)
+        (2, 2, 3, 2, 1),  # layer4's first conv: 2x2 -> 1x1, stride 2
+        (2, 2, 1, 2, 0),  # its 1x1 stride-2 shortcut
+        (3, 4, 3, 2, 0),  # unpadded, rectangular, the last column outside the window
+        (1, 2, 5, 3, 2),  # padding larger than the map on one side
+    ],
+)
 def test_point_output_conv_equals_conv2d_with_gradients(h, w, k, s, p):
     ref, fast = _pair(k, s, p, bias=True)
     x = torch.randn(3, 4, h, w, dtype=torch.double, requires_grad=True)
@@ -76,4 +79,6 @@ def test_exported_and_downstream_backbones_stay_plain_conv2d():
     bb, _ = build_backbone("resnet18")
     assert all(type(m) is nn.Conv2d for m in bb.modules() if isinstance(m, nn.Conv2d))
     fast = use_point_output_convs(copy.deepcopy(bb))
-    assert sum(type(m) is PointOutputConv2d for m in fast.modules()) == sum(isinstance(m, nn.Conv2d) for m in bb.modules())
+    assert sum(type(m) is PointOutputConv2d for m in fast.modules()) == sum(
+        isinstance(m, nn.Conv2d) for m in bb.modules()
+    )

@@ -33,7 +33,9 @@ def test_linear_scaling_rule():
 
 def test_head_multiplier_groups():
     a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
-    opt = build_optimizer(OptimConfig(lr=0.01), [{"params": a.parameters()}, {"params": b.parameters(), "lr_mult": 100}], 0.01)
+    opt = build_optimizer(
+        OptimConfig(lr=0.01), [{"params": a.parameters()}, {"params": b.parameters(), "lr_mult": 100}], 0.01
+    )
     set_lr(opt, 0.5)
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.005, 0.5])
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,13 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY, assert_clean_error, run_cli
 from safetensors.torch import load_file
 
-from interclr_cli.training.checkpoint import list_checkpoints
 from interclr_cli.commands.pretrain import run_pretrain
-from interclr_cli.errors import UserError, WorkError
-
-from conftest import TINY, assert_clean_error, run_cli
+from interclr_cli.errors import WorkError
+from interclr_cli.training.checkpoint import list_checkpoints
 
 
 def _model_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -27,16 +25,27 @@ def _model_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def test_run_folder_layout_and_json(tiny_data, tmp_path):
     out = tmp_path / "run"
-    res = run_cli("pretrain", "--preset", "mocov2-r18-cifar", "--out", str(out), "--json", "--quiet",
-                  f"data.root={tiny_data / 'train'}", "train.epochs=2", *TINY,
-                  "monitor.every=1", "monitor.rankme_samples=40")
+    res = run_cli(
+        "pretrain",
+        "--preset",
+        "mocov2-r18-cifar",
+        "--out",
+        str(out),
+        "--json",
+        "--quiet",
+        f"data.root={tiny_data / 'train'}",
+        "train.epochs=2",
+        *TINY,
+        "monitor.every=1",
+        "monitor.rankme_samples=40",
+    )
     assert res.returncode == 0, res.stderr
     summary = json.loads(res.stdout)  # stdout is exactly one JSON object
     assert summary["run_dir"] == str(out) and summary["epochs"] == 2 and summary["steps"] == 12
     assert Path(summary["checkpoint"]).is_file()
     assert 1.0 <= summary["rankme"] <= 32.0 and 0.0 <= summary["knn_top1"] <= 100.0
     assert (out / "config.yaml").is_file() and (out / "train.log").is_file() and (out / "file_index.txt").is_file()
-    recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     kinds = [r["type"] for r in recs]
     assert kinds.count("epoch") == 2 and "step" in kinds and kinds[0] == "monitor"
     assert all("loss" in r and "lr" in r for r in recs if r["type"] == "step")
@@ -45,8 +54,18 @@ def test_run_folder_layout_and_json(tiny_data, tmp_path):
 
 def test_refuses_to_overwrite_a_run(tiny_data, tmp_path):
     out = tmp_path / "run"
-    args = ["pretrain", "--preset", "mocov2-r18-cifar", "--out", str(out), "--quiet", f"data.root={tiny_data / 'train'}",
-            "train.epochs=1", "train.max_steps=1", *TINY]
+    args = [
+        "pretrain",
+        "--preset",
+        "mocov2-r18-cifar",
+        "--out",
+        str(out),
+        "--quiet",
+        f"data.root={tiny_data / 'train'}",
+        "train.epochs=1",
+        "train.max_steps=1",
+        *TINY,
+    ]
     assert run_cli(*args).returncode == 0
     before = sorted(p.name for p in (out / "checkpoints").iterdir())
     res = run_cli(*args)
@@ -83,8 +102,22 @@ def test_sigkill_and_resume_equals_uninterrupted(tiny_data, tmp_path):
     ref_ckpt = Path(json.loads(ref.stdout)["checkpoint"])
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "interclr_cli", "pretrain", "--preset", "mocov2-r18-cifar", "--out", str(out), "--quiet", *ov],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "interclr_cli",
+            "pretrain",
+            "--preset",
+            "mocov2-r18-cifar",
+            "--out",
+            str(out),
+            "--quiet",
+            *ov,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 240
     while time.time() < deadline and not list_checkpoints(out / "checkpoints"):
         time.sleep(0.05)
@@ -102,8 +135,11 @@ def test_sigkill_and_resume_equals_uninterrupted(tiny_data, tmp_path):
     assert not diff, diff[:5]
 
 
-@pytest.mark.parametrize("augment", [["data.augment_on=workers"], ["data.augment_on=device"],
-                                     ["data.augment_on=device", "data.in_memory=true"]], ids=["workers", "device", "in_memory"])
+@pytest.mark.parametrize(
+    "augment",
+    [["data.augment_on=workers"], ["data.augment_on=device"], ["data.augment_on=device", "data.in_memory=true"]],
+    ids=["workers", "device", "in_memory"],
+)
 def test_mid_epoch_checkpoint_resume(tiny_data, tmp_path, augment):
     common = dict(preset="mocov2-r18-cifar", force=False, show_progress=False)
     ov = [f"data.root={tiny_data / 'train'}", "train.epochs=2", *augment, *TINY]
@@ -111,7 +147,14 @@ def test_mid_epoch_checkpoint_resume(tiny_data, tmp_path, augment):
     part = run_pretrain(overrides=ov + ["train.max_steps=3"], out=str(tmp_path / "p"), resume=None, **common)
     assert part["steps"] == 3
     # continue the same run without the step limit: resumes at step 3, mid-epoch
-    done = run_pretrain(preset=None, overrides=["train.max_steps=0"], out=str(tmp_path / "p"), resume="__latest__", force=False, show_progress=False)
+    done = run_pretrain(
+        preset=None,
+        overrides=["train.max_steps=0"],
+        out=str(tmp_path / "p"),
+        resume="__latest__",
+        force=False,
+        show_progress=False,
+    )
     assert done["steps"] == ref["steps"] == 12
     a, b = _model_tensors(Path(ref["checkpoint"])), _model_tensors(Path(done["checkpoint"]))
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -129,7 +172,14 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_data, tmp_pat
     monkeypatch.setattr(MoCoV2, "training_step", poisoned)
     out = tmp_path / "nan"
     with pytest.raises(WorkError, match="loss became nan") as e:
-        run_pretrain("mocov2-r18-cifar", [f"data.root={tiny_data / 'train'}", "train.epochs=3", *TINY], out=str(out), resume=None, force=False, show_progress=False)
+        run_pretrain(
+            "mocov2-r18-cifar",
+            [f"data.root={tiny_data / 'train'}", "train.epochs=3", *TINY],
+            out=str(out),
+            resume=None,
+            force=False,
+            show_progress=False,
+        )
     assert "\n" not in str(e.value)
     names = [p.name for p in list_checkpoints(out / "checkpoints")]
     assert names == ["ckpt-e0001-s00000006.safetensors"]
@@ -139,11 +189,22 @@ def test_cli_error_paths_are_one_line(tiny_data, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the default run folder would be ./runs/...
     assert_clean_error(run_cli("pretrain", "--preset", "nope-preset"), 2, "unknown preset")
     assert_clean_error(run_cli("pretrain", "--preset", "quickstart", "optim.lrr=1"), 2, "did you mean 'optim.lr'")
-    assert_clean_error(run_cli("pretrain", "--preset", "quickstart", "train.epochs=two"), 2, "train.epochs expects integer")
-    assert_clean_error(run_cli("pretrain", "--preset", "quickstart", f"data.root={tmp_path / 'missing'}", "device=cpu"), 2, "does not exist")
+    assert_clean_error(
+        run_cli("pretrain", "--preset", "quickstart", "train.epochs=two"), 2, "train.epochs expects integer"
+    )
+    assert_clean_error(
+        run_cli("pretrain", "--preset", "quickstart", f"data.root={tmp_path / 'missing'}", "device=cpu"),
+        2,
+        "does not exist",
+    )
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert_clean_error(run_cli("pretrain", "--preset", "quickstart", f"data.root={empty}", "device=cpu", "--out", str(tmp_path / "r1")), 2)
+    assert_clean_error(
+        run_cli(
+            "pretrain", "--preset", "quickstart", f"data.root={empty}", "device=cpu", "--out", str(tmp_path / "r1")
+        ),
+        2,
+    )
     assert_clean_error(run_cli("pretrain", "--preset", "quickstart", "device=cuda"), 2, "no CUDA GPU")
     assert_clean_error(run_cli("pretrain", "data.root=x"), 2, "--preset is required")
     bad = tmp_path / "bad.safetensors"

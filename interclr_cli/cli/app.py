@@ -78,7 +78,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         if os.environ.get("INTERCLR_DEBUG"):
             raise
         logging.getLogger("interclr").debug("internal error", exc_info=True)
-        sys.stderr.write(f"internal error: {type(e).__name__}: {e} (set INTERCLR_DEBUG=1 for a traceback, and please report it)\n")
+        sys.stderr.write(
+            f"internal error: {type(e).__name__}: {e} (set INTERCLR_DEBUG=1 for a traceback, and please report it)\n"
+        )
         code = 1
     launch.teardown()
     sys.exit(code)

@@ -16,7 +16,9 @@ PresetOpt = typer.Option(None, "--preset", "-p", help="Preset name (see `intercl
 OutOpt = typer.Option(None, "--out", "-o", help="Run folder (default: runs/<preset>-<timestamp>).")
 JsonOpt = typer.Option(False, "--json", help="Print one JSON object with the results on stdout (logs go to stderr).")
 ForceOpt = typer.Option(False, "--force", help="Overwrite an existing run folder.")
-OverridesArg = typer.Argument(None, help="Config overrides key.sub=value, e.g. optim.lr=0.06 data.root=/data/cifar.", show_default=False)
+OverridesArg = typer.Argument(
+    None, help="Config overrides key.sub=value, e.g. optim.lr=0.06 data.root=/data/cifar.", show_default=False
+)
 
 
 def setup_logging(quiet: bool = False) -> None:

@@ -12,13 +12,19 @@ from rich.text import Text
 from ..config.loader import key_table, list_presets, load_config, to_mapping, to_yaml
 from .common import OverridesArg, emit_json
 
-app = typer.Typer(help="List the shipped presets, print one resolved, or list every config key (`keys`: type, default and "
-                       "allowed values).\n\nExamples:\n\n  interclr presets\n\n  interclr presets show r18-cifar optim.lr=0.06"
-                       "\n\n  interclr presets keys", no_args_is_help=False, invoke_without_command=True)
+app = typer.Typer(
+    help="List the shipped presets, print one resolved, or list every config key (`keys`: type, default and "
+    "allowed values).\n\nExamples:\n\n  interclr presets\n\n  interclr presets show r18-cifar optim.lr=0.06"
+    "\n\n  interclr presets keys",
+    no_args_is_help=False,
+    invoke_without_command=True,
+)
 
 
 @app.callback(invoke_without_command=True)
-def presets_main(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="Print {name: description} as JSON.")) -> None:
+def presets_main(
+    ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="Print {name: description} as JSON.")
+) -> None:
     """List the shipped presets with one line each."""
     if ctx.invoked_subcommand is not None:
         return

@@ -31,7 +31,12 @@ def pretrain(
     overrides: Optional[List[str]] = OverridesArg,
     preset: Optional[str] = PresetOpt,
     out: Optional[str] = OutOpt,
-    resume: Optional[str] = typer.Option(None, "--resume", help="Continue a run: alone, the latest checkpoint in --out; or a run folder or checkpoint path.", show_default=False),
+    resume: Optional[str] = typer.Option(
+        None,
+        "--resume",
+        help="Continue a run: alone, the latest checkpoint in --out; or a run folder or checkpoint path.",
+        show_default=False,
+    ),
     force: bool = ForceOpt,
     as_json: bool = JsonOpt,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors on stderr; no progress bars."),

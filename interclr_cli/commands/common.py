@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -13,12 +13,19 @@ import torch.nn as nn
 
 from ..config.loader import apply_overrides, config_from_mapping, load_preset_mapping, to_yaml, validate
 from ..config.schema import Config
-from ..data import EpochBatchSampler, ImageDataset, eval_transform, index_source, linear_train_transform, loader_from_config, resolve_eval_split
+from ..data import (
+    EpochBatchSampler,
+    ImageDataset,
+    index_source,
+    linear_train_transform,
+    loader_from_config,
+    resolve_eval_split,
+)
 from ..data.sources import FileIndex
 from ..errors import UserError
 from ..runtime import dist
 from ..runtime.device import memory_format
-from ..training.features import extract, same_files
+from ..training.features import same_files
 from ..training.rundir import check_run_dir, default_run_dir, prepare_run_dir
 from .loading import CheckpointInfo
 
@@ -74,8 +81,13 @@ def resolve_config(command: str, preset: Optional[str], overrides: list[str], in
         cfg.name = Path(name).stem
     validate(cfg)
     if not preset:
-        log.info("no --preset given: using %s (the default of %s for a %s%s)", name, command, info.description,
-                 f" trained at {info.image_size} px" if info.image_size else "")
+        log.info(
+            "no --preset given: using %s (the default of %s for a %s%s)",
+            name,
+            command,
+            info.description,
+            f" trained at {info.image_size} px" if info.image_size else "",
+        )
     return cfg
 
 
@@ -102,8 +114,15 @@ def supervised_loader(index: FileIndex, cfg: Config, *, drop_last: bool):
     image is replaced by the next readable one, so no process is left without a batch to step on."""
     world = dist.world_size()
     dataset = ImageDataset(index, linear_train_transform(cfg.data), views=1, substitute=world > 1)
-    sampler = EpochBatchSampler(len(index), cfg.train.batch_size, replacement=False, seed=cfg.seed,
-                                rank=dist.rank(), world_size=world, drop_last=drop_last)
+    sampler = EpochBatchSampler(
+        len(index),
+        cfg.train.batch_size,
+        replacement=False,
+        seed=cfg.seed,
+        rank=dist.rank(),
+        world_size=world,
+        drop_last=drop_last,
+    )
     return loader_from_config(dataset, sampler, cfg.data), sampler
 
 
@@ -116,7 +135,9 @@ def open_run(command: str, cfg: Config, out: Optional[str], force: bool, extra: 
     prepare_run_dir(run_dir, resume=False, force=force)
     if dist.is_main():
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
-        (run_dir / "run.json").write_text(json.dumps({"command": command, **(extra or {})}, indent=2, default=str) + "\n")
+        (run_dir / "run.json").write_text(
+            json.dumps({"command": command, **(extra or {})}, indent=2, default=str) + "\n"
+        )
     return run_dir
 
 
@@ -144,7 +165,13 @@ def labelled_splits(cfg: Config) -> tuple[FileIndex, FileIndex]:
                 "both need the same class folders"
             )
         remap = np.array([pos[c] for c in val.classes], dtype=np.int64)
-        val = FileIndex(root=val.root, paths=val.paths, labels=remap[np.asarray(val.labels)], classes=list(train.classes), source=val.source)
+        val = FileIndex(
+            root=val.root,
+            paths=val.paths,
+            labels=remap[np.asarray(val.labels)],
+            classes=list(train.classes),
+            source=val.source,
+        )
     return same_files(train, "the training split"), same_files(val, "the validation split")
 
 
@@ -153,7 +180,9 @@ def single_folder(cfg: Config) -> FileIndex:
     a folder holding train/ and val|test/ means its train/)."""
     root = cfg.data.root
     if not root:
-        raise UserError("data.root is not set; pass data.root=PATH (an image folder, a file list or builtin:cifar10-mini)")
+        raise UserError(
+            "data.root is not set; pass data.root=PATH (an image folder, a file list or builtin:cifar10-mini)"
+        )
     if root.startswith("builtin:") and "/" not in root:
         root = root + "/train"
     index = index_source(root, cfg.data.source)
@@ -167,16 +196,6 @@ def prepare_backbone(backbone: nn.Module, cfg: Config, device: torch.device) -> 
     if cfg.train.channels_last:
         backbone = backbone.to(memory_format=memory_format(True))
     return backbone.eval()
-
-
-def run_extract(fns: Callable, index: FileIndex, cfg: Config, device: torch.device, reporter, description: str,
-                transform=None, aug_seed: Optional[int] = None) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """:func:`~interclr_cli.training.features.extract` with the config's batch size, workers and
-    precision: sharded across the ranks of a distributed run, every rank gets every row in order."""
-    return extract(fns, index, transform if transform is not None else eval_transform(cfg.data), device=device,
-                   batch_size=cfg.eval.feature_batch_size, num_workers=cfg.data.num_workers,
-                   precision=cfg.train.precision, channels_last=cfg.train.channels_last, reporter=reporter,
-                   description=description, aug_seed=aug_seed)
 
 
 def with_head(backbone: nn.Module, head: Optional[nn.Module], info: CheckpointInfo, what: str) -> nn.Module:

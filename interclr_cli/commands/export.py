@@ -26,10 +26,25 @@ import torch
 import torch.nn as nn
 
 from ..errors import UserError, WorkError
-from ..models.export import backbone_state_dict, convert_moco_checkpoint, export_onnx, export_torchscript, infer_arch, read_pickle_checkpoint, write_torchvision_export
 from ..models import build_backbone
+from ..models.export import (
+    backbone_state_dict,
+    convert_moco_checkpoint,
+    export_onnx,
+    export_torchscript,
+    infer_arch,
+    read_pickle_checkpoint,
+    write_torchvision_export,
+)
 from .common import resolve_config
-from .loading import _head_from_state, _info, _load_strict, backbone_fingerprint, describe, load_backbone, read_classifier
+from .loading import (
+    _head_from_state,
+    _info,
+    _load_strict,
+    backbone_fingerprint,
+    load_backbone,
+    read_classifier,
+)
 
 log = logging.getLogger("interclr")
 
@@ -41,6 +56,7 @@ def _version() -> str:
         return version("interclr")
     except Exception:  # not installed (running from a source tree)
         return "unknown"
+
 
 FORMATS = ("torchvision", "torchscript", "onnx")
 PARTS = ("backbone", "embedding", "classifier")
@@ -63,7 +79,9 @@ def load_foreign(path: str, kind: str) -> tuple[nn.Module, Optional[nn.Module], 
         try:
             state = load_file(str(p))
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise UserError(f"cannot read {p} as safetensors ({str(e).splitlines()[0][:100] if str(e) else type(e).__name__}); check the file") from None
+            raise UserError(
+                f"cannot read {p} as safetensors ({str(e).splitlines()[0][:100] if str(e) else type(e).__name__}); check the file"
+            ) from None
     else:
         state = read_pickle_checkpoint(p)
     bb, head_state, arch = convert_moco_checkpoint(state)
@@ -76,7 +94,11 @@ def load_foreign(path: str, kind: str) -> tuple[nn.Module, Optional[nn.Module], 
             if set(head_state) == {"weight", "bias"} and head_state["weight"].ndim == 2:
                 classifier = {"weight": head_state["weight"], "bias": head_state["bias"]}
             else:
-                log.warning("%s: the fc layer is not a linear classifier (keys %s); it is not converted", p, sorted(head_state)[:3])
+                log.warning(
+                    "%s: the fc layer is not a linear classifier (keys %s); it is not converted",
+                    p,
+                    sorted(head_state)[:3],
+                )
         else:
             head = _head_from_state(head_state, p)
     extra = {}
@@ -126,7 +148,9 @@ def _onnx_check(path: Path, module: nn.Module, example: torch.Tensor) -> Optiona
         want = module.eval()(x)
     diff = float((torch.from_numpy(got) - want).abs().max())
     if not diff <= ONNX_ATOL:
-        raise WorkError(f"the ONNX model differs from PyTorch by {diff:.3g} (limit {ONNX_ATOL}); try --format torchscript")
+        raise WorkError(
+            f"the ONNX model differs from PyTorch by {diff:.3g} (limit {ONNX_ATOL}); try --format torchscript"
+        )
     return diff
 
 
@@ -135,21 +159,29 @@ def _inputs(checkpoint, from_torchvision, from_moco, classifier, part):
     if checkpoint:
         backbone, head, info = load_backbone(checkpoint)
     else:
-        backbone, head, info = load_foreign(from_torchvision or from_moco, "torchvision" if from_torchvision else "moco")
+        backbone, head, info = load_foreign(
+            from_torchvision or from_moco, "torchvision" if from_torchvision else "moco"
+        )
     fc, classes = info.classifier, info.classes
     if classifier:
         clf = read_classifier(classifier)
         if clf["fingerprint"] != backbone_fingerprint(backbone):
-            raise UserError(f"--classifier {classifier} was trained on another backbone ({clf['source']}); "
-                            f"pass the checkpoint it was trained on instead of {info.source}")
+            raise UserError(
+                f"--classifier {classifier} was trained on another backbone ({clf['source']}); "
+                f"pass the checkpoint it was trained on instead of {info.source}"
+            )
         fc, classes = {"weight": clf["weight"], "bias": clf["bias"]}, clf["classes"]
     if part is None:
         part = "classifier" if fc is not None else "backbone"
     if part == "classifier" and fc is None:
-        raise UserError(f"{info.source} has no classifier; pass --classifier runs/<linear-eval run>/classifier.safetensors, "
-                        "export a finetune checkpoint, or use --part backbone")
+        raise UserError(
+            f"{info.source} has no classifier; pass --classifier runs/<linear-eval run>/classifier.safetensors, "
+            "export a finetune checkpoint, or use --part backbone"
+        )
     if part == "embedding" and head is None:
-        raise UserError(f"{info.source} has no projection head, so there is no embedding to export; use --part backbone")
+        raise UserError(
+            f"{info.source} has no projection head, so there is no embedding to export; use --part backbone"
+        )
     return backbone, head, info, fc, classes, part
 
 
@@ -178,13 +210,27 @@ def _traced_sidecar(out_path: Path, fmt: str, part: str, info, cfg, out_dim: int
         "small_stem": info.small_stem,
         "part": part,
         "input": {"name": "input", "shape": ["batch", 3, size, size], "dtype": "float32"},
-        "output": {"name": "output", "shape": ["batch", out_dim],
-                   "meaning": {"backbone": "pooled backbone features", "embedding": "projection head output (not L2-normalised)",
-                               "classifier": "class logits"}[part]},
-        "preprocessing": {"resize": max(cfg.data.eval_resize, size), "crop": size, "mean": list(cfg.data.mean), "std": list(cfg.data.std),
-                          "input": "RGB, pixel values scaled to [0, 1] then normalised with mean and std"},
-        "load": ("torch.jit.load(file).eval()" if fmt == "torchscript"
-                 else "onnxruntime.InferenceSession(file).run(None, {'input': x})"),
+        "output": {
+            "name": "output",
+            "shape": ["batch", out_dim],
+            "meaning": {
+                "backbone": "pooled backbone features",
+                "embedding": "projection head output (not L2-normalised)",
+                "classifier": "class logits",
+            }[part],
+        },
+        "preprocessing": {
+            "resize": max(cfg.data.eval_resize, size),
+            "crop": size,
+            "mean": list(cfg.data.mean),
+            "std": list(cfg.data.std),
+            "input": "RGB, pixel values scaled to [0, 1] then normalised with mean and std",
+        },
+        "load": (
+            "torch.jit.load(file).eval()"
+            if fmt == "torchscript"
+            else "onnxruntime.InferenceSession(file).run(None, {'input': x})"
+        ),
         "meta": meta,
     }
 
@@ -202,13 +248,30 @@ def _export_traced(module: nn.Module, out_path: Path, fmt: str, part: str, info,
         export_onnx(module, example, out_path)
         diff = _onnx_check(out_path, module, example)
     json_path = sidecar(out_path, fmt)
-    json_path.write_text(json.dumps(_traced_sidecar(out_path, fmt, part, info, cfg, out_dim, meta), indent=2, default=str) + "\n")
-    return {"json": str(json_path), "output_dim": out_dim, "max_abs_diff": diff, "num_classes": out_dim if part == "classifier" else None}
+    json_path.write_text(
+        json.dumps(_traced_sidecar(out_path, fmt, part, info, cfg, out_dim, meta), indent=2, default=str) + "\n"
+    )
+    return {
+        "json": str(json_path),
+        "output_dim": out_dim,
+        "max_abs_diff": diff,
+        "num_classes": out_dim if part == "classifier" else None,
+    }
 
 
-def run_export(checkpoint: Optional[str], preset: Optional[str], overrides: list[str], *, fmt: str = "torchvision",
-               part: Optional[str] = None, out: Optional[str] = None, classifier: Optional[str] = None,
-               from_torchvision: Optional[str] = None, from_moco: Optional[str] = None, force: bool = False) -> dict:
+def run_export(
+    checkpoint: Optional[str],
+    preset: Optional[str],
+    overrides: list[str],
+    *,
+    fmt: str = "torchvision",
+    part: Optional[str] = None,
+    out: Optional[str] = None,
+    classifier: Optional[str] = None,
+    from_torchvision: Optional[str] = None,
+    from_moco: Optional[str] = None,
+    force: bool = False,
+) -> dict:
     """Export a checkpoint (or foreign weights) as torchvision safetensors, TorchScript or ONNX;
     the JSON-ready result: ``path``, ``json``, ``format``, ``part`` ..."""
     sources = [s for s in (checkpoint, from_torchvision, from_moco) if s]
@@ -221,19 +284,43 @@ def run_export(checkpoint: Optional[str], preset: Optional[str], overrides: list
     backbone, head, info, fc, classes, part = _inputs(checkpoint, from_torchvision, from_moco, classifier, part)
     cfg = resolve_config("export", preset, overrides, info)
     if part == "embedding" and fmt == "torchvision":
-        raise UserError("torchvision models have no projection head: --part embedding needs --format torchscript or onnx")
+        raise UserError(
+            "torchvision models have no projection head: --part embedding needs --format torchscript or onnx"
+        )
     out_path = Path(out) if out else _default_out(info, part, fmt)
     _check_out(out_path, fmt, force)
-    meta = {"source": info.source, "kind": info.kind, "part": part, "classes": classes if part == "classifier" else None,
-            "epoch": info.epoch, "interclr_version": _version()}
-    result = {"path": str(out_path), "format": fmt, "part": part, "arch": info.arch, "small_stem": info.small_stem,
-              "source": info.source}
+    meta = {
+        "source": info.source,
+        "kind": info.kind,
+        "part": part,
+        "classes": classes if part == "classifier" else None,
+        "epoch": info.epoch,
+        "interclr_version": _version(),
+    }
+    result = {
+        "path": str(out_path),
+        "format": fmt,
+        "part": part,
+        "arch": info.arch,
+        "small_stem": info.small_stem,
+        "source": info.source,
+    }
     if fmt == "torchvision":
         json_path = write_torchvision_export(
-            backbone_state_dict(backbone), out_path, arch=info.arch, small_stem=info.small_stem,
-            image_size=cfg.data.image_size, mean=cfg.data.mean, std=cfg.data.std,
-            fc=fc if part == "classifier" else None, extra_meta=meta, resize=max(cfg.data.eval_resize, cfg.data.image_size))
-        result.update({"json": str(json_path), "num_classes": int(fc["weight"].shape[0]) if part == "classifier" else None})
+            backbone_state_dict(backbone),
+            out_path,
+            arch=info.arch,
+            small_stem=info.small_stem,
+            image_size=cfg.data.image_size,
+            mean=cfg.data.mean,
+            std=cfg.data.std,
+            fc=fc if part == "classifier" else None,
+            extra_meta=meta,
+            resize=max(cfg.data.eval_resize, cfg.data.image_size),
+        )
+        result.update(
+            {"json": str(json_path), "num_classes": int(fc["weight"].shape[0]) if part == "classifier" else None}
+        )
         return result
     result.update(_export_traced(_module(backbone, head, fc, part), out_path, fmt, part, info, cfg, meta))
     log.info("exported the %s of %s (%s) to %s", part, info.source, info.description, out_path)

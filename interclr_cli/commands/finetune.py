@@ -43,12 +43,12 @@ from ..runtime.device import autocast, memory_format, process_device
 from ..runtime.progress import Reporter
 from ..runtime.seed import seed_everything
 from ..training.checkpoint import TrainingCheckpoint, list_checkpoints
-from ..training.features import subset_index
+from ..training.features import extract_with_config, subset_index
 from ..training.loop import Position, StepTask, TaskState, TrainLoop
 from ..training.optim import build_optimizer, global_lr
 from ..training.resume import load_model_state, open_resume, restore_training
 from ..training.rundir import MetricsLog, file_log, prepare_run_dir
-from .common import close_run, labelled_splits, open_run, refuse_early, resolve_config, run_extract, supervised_loader
+from .common import close_run, labelled_splits, open_run, refuse_early, resolve_config, supervised_loader
 from .linear_eval import new_linear
 from .loading import CheckpointInfo, load_backbone
 
@@ -77,15 +77,19 @@ def choose_subset(train: FileIndex, cfg: Config) -> tuple[np.ndarray, str]:
             log.info("data.label_list is set, so data.label_fraction=%g is ignored", d.label_fraction)
         return subset_from_list(train.paths, Path(d.label_list)), f"list {d.label_list}"
     if d.label_fraction < 1.0:
-        return stratified_subset(np.asarray(train.labels), d.label_fraction, cfg.seed), f"stratified {d.label_fraction:g} (seed {cfg.seed})"
+        return stratified_subset(
+            np.asarray(train.labels), d.label_fraction, cfg.seed
+        ), f"stratified {d.label_fraction:g} (seed {cfg.seed})"
     return np.arange(len(train), dtype=np.int64), "all labels"
 
 
 def write_subset(path: Path, index: FileIndex, how: str) -> None:
     """A file list (``path label`` per line, ``#`` comments) of the labelled subset."""
-    lines = [f"# interclr finetune labelled subset: {how}; {len(index)} images, {len(index.classes)} classes",
-             f"# classes: {' '.join(index.classes)}"]
-    lines += [f"{p} {int(l)}" for p, l in zip(index.paths, np.asarray(index.labels).tolist())]
+    lines = [
+        f"# interclr finetune labelled subset: {how}; {len(index)} images, {len(index.classes)} classes",
+        f"# classes: {' '.join(index.classes)}",
+    ]
+    lines += [f"{p} {int(ln)}" for p, ln in zip(index.paths, np.asarray(index.labels).tolist())]
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("\n".join(lines) + "\n")
     tmp.replace(path)
@@ -106,7 +110,7 @@ def evaluate(model: nn.Module, val: FileIndex, cfg: Config, device, reporter) ->
     was = model.training
     model.eval()
     try:
-        (logits,), y = run_extract(model, val, cfg, device, reporter, "val")
+        (logits,), y = extract_with_config(model, val, cfg, device, reporter, "val")
     finally:
         model.train(was)
     return score_classifier(lambda x: x, logits, y.to(device))
@@ -119,8 +123,18 @@ class FinetuneTask(StepTask):
     epoch_name = "finetune epoch"
     label = "finetune"
 
-    def __init__(self, cfg: Config, model: "FinetuneNet", net: nn.Module, optimizer, val: FileIndex, device, reporter,
-                 info: dict, last: dict):
+    def __init__(
+        self,
+        cfg: Config,
+        model: "FinetuneNet",
+        net: nn.Module,
+        optimizer,
+        val: FileIndex,
+        device,
+        reporter,
+        info: dict,
+        last: dict,
+    ):
         self.cfg, self.model, self.net, self.optimizer, self.val = cfg, model, net, optimizer, val
         self.device, self.reporter, self.info, self.last = device, reporter, info, last
         self.fmt = memory_format(cfg.train.channels_last)
@@ -156,13 +170,26 @@ def _resume_backbone(resume: str, out: Optional[str], overrides: list[str], forc
     if checkpoint:
         log.info("resuming %s: the weights come from %s, not from %s", run_dir, ck.path.name, checkpoint)
     backbone, _ = build_backbone(cfg.model.arch, cfg.model.small_stem)
-    info = CheckpointInfo(source=ck.info.get("source", str(ck.path)), kind="finetune", arch=cfg.model.arch,
-                          small_stem=cfg.model.small_stem, feature_dim=FEATURE_DIMS[cfg.model.arch])
+    info = CheckpointInfo(
+        source=ck.info.get("source", str(ck.path)),
+        kind="finetune",
+        arch=cfg.model.arch,
+        small_stem=cfg.model.small_stem,
+        feature_dim=FEATURE_DIMS[cfg.model.arch],
+    )
     return run_dir, ck, cfg, backbone, info
 
 
-def run_finetune(checkpoint: Optional[str], preset: Optional[str], overrides: list[str], *, out: Optional[str],
-                 resume: Optional[str] = None, force: bool = False, show_progress: bool = True) -> dict:
+def run_finetune(
+    checkpoint: Optional[str],
+    preset: Optional[str],
+    overrides: list[str],
+    *,
+    out: Optional[str],
+    resume: Optional[str] = None,
+    force: bool = False,
+    show_progress: bool = True,
+) -> dict:
     """Fine-tune ``checkpoint`` (or continue the run ``resume`` names); the JSON-ready result:
     ``top1``, ``top5``, ``checkpoint``, ``num_labelled``, ``subset``, ``run_dir`` ..."""
     ck = None
@@ -171,7 +198,9 @@ def run_finetune(checkpoint: Optional[str], preset: Optional[str], overrides: li
     else:
         refuse_early("finetune", out, force)
         if not checkpoint:
-            raise UserError("give the checkpoint to fine-tune first, e.g. interclr finetune runs/x/checkpoints/ckpt-....safetensors")
+            raise UserError(
+                "give the checkpoint to fine-tune first, e.g. interclr finetune runs/x/checkpoints/ckpt-....safetensors"
+            )
         backbone, _, info = load_backbone(checkpoint)
         cfg = resolve_config("finetune", preset, overrides, info)
         run_dir = None
@@ -181,31 +210,49 @@ def run_finetune(checkpoint: Optional[str], preset: Optional[str], overrides: li
     train = subset_index(train_full, positions)
     world_batch = cfg.train.batch_size * dist.world_size()
     if len(train) < world_batch:
-        raise UserError(f"the labelled subset has {len(train)} images ({how}), fewer than one "
-                        f"{'global ' if dist.world_size() > 1 else ''}batch ({world_batch}); lower train.batch_size or use more labels")
+        raise UserError(
+            f"the labelled subset has {len(train)} images ({how}), fewer than one "
+            f"{'global ' if dist.world_size() > 1 else ''}batch ({world_batch}); lower train.batch_size or use more labels"
+        )
     device = process_device(cfg.device)
     if ck is not None:
         saved = run_dir / SUBSET_FILE
         if saved.is_file() and read_subset_paths(saved) != list(train.paths):
-            raise UserError(f"the labelled subset differs from the one in {saved} (the data or the list changed); resume with the same data")
+            raise UserError(
+                f"the labelled subset differs from the one in {saved} (the data or the list changed); resume with the same data"
+            )
         prepare_run_dir(run_dir, resume=True, force=False)
     else:
-        run_dir = open_run("finetune", cfg, out, force, {"source": info.source, "arch": info.description, "subset": how})
+        run_dir = open_run(
+            "finetune", cfg, out, force, {"source": info.source, "arch": info.description, "subset": how}
+        )
         if dist.is_main():
             write_subset(run_dir / SUBSET_FILE, train, how)
     return _fit(cfg, run_dir, device, backbone, info, train, val, how, ck, show_progress)
 
 
-def _fit(cfg: Config, run_dir: Path, device: torch.device, backbone: nn.Module, info: CheckpointInfo, train: FileIndex,
-         val: FileIndex, how: str, ck: Optional[TrainingCheckpoint], show_progress: bool) -> dict:
+def _fit(
+    cfg: Config,
+    run_dir: Path,
+    device: torch.device,
+    backbone: nn.Module,
+    info: CheckpointInfo,
+    train: FileIndex,
+    val: FileIndex,
+    how: str,
+    ck: Optional[TrainingCheckpoint],
+    show_progress: bool,
+) -> dict:
     seed_everything(cfg.seed)
     model = FinetuneNet(backbone, info.feature_dim, len(train.classes), cfg.seed).to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=memory_format(True))
     # model.sync_bn: the backbone's BatchNorm over the global batch (a no-op on one process)
     model = convert_sync_bn(model, sync_bn=cfg.model.sync_bn, key_bn="none", device=device)
-    groups = [{"params": list(model.backbone.parameters())},
-              {"params": list(model.fc.parameters()), "lr_mult": cfg.optim.head_lr_mult}]
+    groups = [
+        {"params": list(model.backbone.parameters())},
+        {"params": list(model.fc.parameters()), "lr_mult": cfg.optim.head_lr_mult},
+    ]
     _, lr0 = global_lr(cfg.optim, cfg.train.batch_size, dist.world_size())
     optimizer = build_optimizer(cfg.optim, groups, lr0)
     loader, sampler = supervised_loader(train, cfg, drop_last=True)
@@ -218,12 +265,28 @@ def _fit(cfg: Config, run_dir: Path, device: torch.device, backbone: nn.Module, 
     reporter = Reporter(enabled=show_progress)
     ck_info = {"classes": list(train.classes), "source": info.source, "subset": how, "num_labelled": len(train)}
     task = FinetuneTask(cfg, model, net, optimizer, val, device, reporter, ck_info, last)
-    loop = TrainLoop(cfg, task, optimizer, loader, sampler, device=device, metrics=MetricsLog(run_dir / "metrics.jsonl"),
-                     reporter=reporter, ckpt_dir=ckpt_dir)
+    loop = TrainLoop(
+        cfg,
+        task,
+        optimizer,
+        loader,
+        sampler,
+        device=device,
+        metrics=MetricsLog(run_dir / "metrics.jsonl"),
+        reporter=reporter,
+        ckpt_dir=ckpt_dir,
+    )
     previous = list_checkpoints(ckpt_dir)[-1:] if ck is not None else []
     with file_log(run_dir / "train.log"):
-        log.info("finetune of %s (%s): %d labelled images (%s), %d classes, %d val images", info.source, info.description,
-                 len(train), how, len(train.classes), len(val))
+        log.info(
+            "finetune of %s (%s): %d labelled images (%s), %d classes, %d val images",
+            info.source,
+            info.description,
+            len(train),
+            how,
+            len(train.classes),
+            len(val),
+        )
         with reporter:
             res = loop.run(pos, previous[0] if previous else None)
     last = task.last or evaluate(model, val, cfg, device, None)

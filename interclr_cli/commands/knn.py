@@ -23,8 +23,9 @@ from ..eval.knn import knn_classify, knn_top1
 from ..runtime import dist
 from ..runtime.device import process_device
 from ..runtime.progress import Reporter
+from ..training.features import extract_with_config
 from ..training.rundir import MetricsLog, file_log
-from .common import close_run, labelled_splits, open_run, prepare_backbone, refuse_early, resolve_config, run_extract
+from .common import close_run, labelled_splits, open_run, prepare_backbone, refuse_early, resolve_config
 from .loading import load_backbone
 
 log = logging.getLogger("interclr")
@@ -37,8 +38,14 @@ def knn_chunk(num_train: int) -> int:
     return max(1, min(1024, BLOCK_BYTES // (4 * max(num_train, 1))))
 
 
-def sharded_knn_top1(train_feats: torch.Tensor, train_labels: torch.Tensor, val_feats: torch.Tensor, val_labels: torch.Tensor,
-                     ks: list[int], **kw) -> dict[int, float]:
+def sharded_knn_top1(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    val_feats: torch.Tensor,
+    val_labels: torch.Tensor,
+    ks: list[int],
+    **kw,
+) -> dict[int, float]:
     """:func:`~interclr_cli.eval.knn.knn_top1` with the val rows split across the ranks (each rank
     holds both full feature sets); every rank returns the same accuracies."""
     if dist.world_size() == 1:
@@ -47,13 +54,20 @@ def sharded_knn_top1(train_feats: torch.Tensor, train_labels: torch.Tensor, val_
     if n == 0 or val_labels.shape[0] != n:  # the library's own one-line errors, on every rank
         return knn_top1(train_feats, train_labels, val_feats, val_labels, ks, **kw)
     shard = eval_shard(n, dist.rank(), dist.world_size())
-    mine = knn_classify(train_feats, train_labels, val_feats[shard.start:shard.stop], ks, **kw)
+    mine = knn_classify(train_feats, train_labels, val_feats[shard.start : shard.stop], ks, **kw)
     target = val_labels.cpu().long()
     return {k: 100.0 * float((dist.all_gather_rows(p) == target).float().mean()) for k, p in mine.items()}
 
 
-def run_knn(checkpoint: str, preset: Optional[str], overrides: list[str], *, out: Optional[str], force: bool,
-            show_progress: bool = True) -> dict:
+def run_knn(
+    checkpoint: str,
+    preset: Optional[str],
+    overrides: list[str],
+    *,
+    out: Optional[str],
+    force: bool,
+    show_progress: bool = True,
+) -> dict:
     """Weighted kNN top-1 of ``checkpoint``'s backbone features (val against train) for every k of
     ``eval.knn_k``; the JSON-ready result: ``top1`` (keyed by k as a string), ``k``, ``run_dir`` ..."""
     refuse_early("knn", out, force)
@@ -66,10 +80,18 @@ def run_knn(checkpoint: str, preset: Optional[str], overrides: list[str], *, out
     run_dir = open_run("knn", cfg, out, force, {"source": info.source, "arch": info.description})
     with file_log(run_dir / "train.log"):
         with Reporter(enabled=show_progress) as reporter:
-            (tf,), tl = run_extract(backbone, train, cfg, device, reporter, "train features")
-            (vf,), vl = run_extract(backbone, val, cfg, device, reporter, "val features")
-        top1 = sharded_knn_top1(tf, tl.to(device), vf, vl, ks, temperature=cfg.eval.knn_temperature,
-                                num_classes=len(train.classes), chunk_size=knn_chunk(len(train)))
+            (tf,), tl = extract_with_config(backbone, train, cfg, device, reporter, "train features")
+            (vf,), vl = extract_with_config(backbone, val, cfg, device, reporter, "val features")
+        top1 = sharded_knn_top1(
+            tf,
+            tl.to(device),
+            vf,
+            vl,
+            ks,
+            temperature=cfg.eval.knn_temperature,
+            num_classes=len(train.classes),
+            chunk_size=knn_chunk(len(train)),
+        )
     result = {
         "top1": {str(k): round(v, 4) for k, v in top1.items()},  # float32 accumulation noise removed
         "k": ks,

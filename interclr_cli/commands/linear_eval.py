@@ -43,10 +43,19 @@ from ..runtime.ddp import ddp_module
 from ..runtime.device import autocast, memory_format, process_device
 from ..runtime.progress import Reporter
 from ..runtime.seed import seed_everything
+from ..training.features import extract_with_config
 from ..training.loop import Position, StepTask, TrainLoop
 from ..training.optim import build_optimizer, global_lr, lr_factor
 from ..training.rundir import MetricsLog, file_log
-from .common import close_run, labelled_splits, open_run, prepare_backbone, refuse_early, resolve_config, run_extract, supervised_loader
+from .common import (
+    close_run,
+    labelled_splits,
+    open_run,
+    prepare_backbone,
+    refuse_early,
+    resolve_config,
+    supervised_loader,
+)
 from .loading import backbone_fingerprint, load_backbone, save_classifier
 
 log = logging.getLogger("interclr")
@@ -90,36 +99,59 @@ class LinearTask(StepTask):
     def end_epoch(self, record: dict, last: bool) -> tuple[dict, str]:
         self.fc.eval()
         scores = score_classifier(self.fc, self.val_x, self.val_y)
-        self.history.append({"epoch": record["epoch"], "lr": record["lr"], "train_loss": record["loss"], **scores,
-                             "seconds": record["seconds"], "img_per_s": record["img_per_s"], "skipped": record["skipped"]})
+        self.history.append(
+            {
+                "epoch": record["epoch"],
+                "lr": record["lr"],
+                "train_loss": record["loss"],
+                **scores,
+                "seconds": record["seconds"],
+                "img_per_s": record["img_per_s"],
+                "skipped": record["skipped"],
+            }
+        )
         return scores, f"val top-1 {scores['top1']:.2f}  top-5 {scores['top5']:.2f}"
 
 
-def _train_augmented(backbone, train_index, val_x, val_y, num_classes, cfg: Config, device, reporter, metrics) -> tuple[nn.Linear, list[dict]]:
+def _train_augmented(
+    backbone, train_index, val_x, val_y, num_classes, cfg: Config, device, reporter, metrics
+) -> tuple[nn.Linear, list[dict]]:
     fc = new_linear(val_x.shape[1], num_classes, cfg.seed).to(device)
     _, lr0 = global_lr(cfg.optim, cfg.train.batch_size, dist.world_size())
     optimizer = build_optimizer(cfg.optim, [{"params": list(fc.parameters())}], lr0)
     head = ddp_module(fc, device)  # training steps go through the wrapper, scoring through fc
     loader, sampler = supervised_loader(train_index, cfg, drop_last=False)
     task = LinearTask(cfg, backbone, fc, head, val_x, val_y, device)
-    TrainLoop(cfg, task, optimizer, loader, sampler, device=device, metrics=metrics, reporter=reporter, ckpt_dir=None).run(Position())
+    TrainLoop(
+        cfg, task, optimizer, loader, sampler, device=device, metrics=metrics, reporter=reporter, ckpt_dir=None
+    ).run(Position())
     return fc.eval(), task.history
 
 
 def _cached_features(backbone, train_index, cfg: Config, device, reporter) -> tuple[torch.Tensor, torch.Tensor]:
     """Centre-crop features of the training set plus ``eval.cached_aug_copies`` augmented copies."""
-    (tx,), ty = run_extract(backbone, train_index, cfg, device, reporter, "train features")
+    (tx,), ty = extract_with_config(backbone, train_index, cfg, device, reporter, "train features")
     xs, ys = [tx], [ty]
     for c in range(1, cfg.eval.cached_aug_copies + 1):
         # copy c is a function of (seed, c, image), whichever rank or worker loads the image
-        (ax,), ay = run_extract(backbone, train_index, cfg, device, reporter, f"augmented copy {c}",
-                                transform=linear_train_transform(cfg.data), aug_seed=cfg.seed * 1000 + c)
+        (ax,), ay = extract_with_config(
+            backbone,
+            train_index,
+            cfg,
+            device,
+            reporter,
+            f"augmented copy {c}",
+            transform=linear_train_transform(cfg.data),
+            aug_seed=cfg.seed * 1000 + c,
+        )
         xs.append(ax)
         ys.append(ay)
     return torch.cat(xs), torch.cat(ys).to(device)
 
 
-def _train_cached(backbone, train_index, val_x, val_y, num_classes, cfg: Config, device, reporter, metrics) -> tuple[nn.Linear, list[dict]]:
+def _train_cached(
+    backbone, train_index, val_x, val_y, num_classes, cfg: Config, device, reporter, metrics
+) -> tuple[nn.Linear, list[dict]]:
     train_x, train_y = _cached_features(backbone, train_index, cfg, device, reporter)
     # every rank holds every feature: each trains on the global batch
     batch, lr = global_lr(cfg.optim, cfg.train.batch_size, dist.world_size())
@@ -133,17 +165,36 @@ def _train_cached(backbone, train_index, val_x, val_y, num_classes, cfg: Config,
         metrics.write({"type": "epoch", **entry})
         reporter.update(task, advance=1, info=f"loss {entry['train_loss']:.4f} top-1 {entry['top1']:.2f}")
 
-    fc, res = train_linear_on_features(train_x, train_y, val_x, val_y, num_classes, epochs=epochs, lr_at=lr_at,
-                                       momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay, batch_size=batch,
-                                       seed=cfg.seed, device=device, progress_cb=progress)
+    fc, res = train_linear_on_features(
+        train_x,
+        train_y,
+        val_x,
+        val_y,
+        num_classes,
+        epochs=epochs,
+        lr_at=lr_at,
+        momentum=cfg.optim.momentum,
+        weight_decay=cfg.optim.weight_decay,
+        batch_size=batch,
+        seed=cfg.seed,
+        device=device,
+        progress_cb=progress,
+    )
     reporter.finish(task)
     for t in (fc.weight, fc.bias):  # rank 0's layer (GPU kernels need not be bit-reproducible)
         dist.broadcast_(t.data, 0)
     return fc.eval(), res["history"]
 
 
-def linear_probe(backbone: nn.Module, train_index: FileIndex, val_index: FileIndex, cfg: Config, device: torch.device,
-                 reporter: Reporter, metrics: MetricsLog) -> tuple[nn.Linear, dict]:
+def linear_probe(
+    backbone: nn.Module,
+    train_index: FileIndex,
+    val_index: FileIndex,
+    cfg: Config,
+    device: torch.device,
+    reporter: Reporter,
+    metrics: MetricsLog,
+) -> tuple[nn.Linear, dict]:
     """Train a linear layer on the frozen ``backbone``; returns it and {top1, top5, best_top1, best_epoch, history, mode}.
 
     The backbone is put in eval mode with gradients off for the duration and restored afterwards;
@@ -151,18 +202,24 @@ def linear_probe(backbone: nn.Module, train_index: FileIndex, val_index: FileInd
     """
     num_classes = len(train_index.classes)
     if num_classes < 2:
-        raise UserError(f"the training split {train_index.root} has {num_classes} class; linear-eval needs at least 2 class folders")
+        raise UserError(
+            f"the training split {train_index.root} has {num_classes} class; linear-eval needs at least 2 class folders"
+        )
     was_training = backbone.training
     grads = [p.requires_grad for p in backbone.parameters()]
     backbone.eval().requires_grad_(False)
     try:
-        (val_x,), val_y = run_extract(backbone, val_index, cfg, device, reporter, "val features")
+        (val_x,), val_y = extract_with_config(backbone, val_index, cfg, device, reporter, "val features")
         val_y = val_y.to(device)
         seed_everything(cfg.seed)
         if cfg.eval.cached_features:
-            fc, history = _train_cached(backbone, train_index, val_x, val_y, num_classes, cfg, device, reporter, metrics)
+            fc, history = _train_cached(
+                backbone, train_index, val_x, val_y, num_classes, cfg, device, reporter, metrics
+            )
         else:
-            fc, history = _train_augmented(backbone, train_index, val_x, val_y, num_classes, cfg, device, reporter, metrics)
+            fc, history = _train_augmented(
+                backbone, train_index, val_x, val_y, num_classes, cfg, device, reporter, metrics
+            )
     finally:
         backbone.train(was_training)
         for p, g in zip(backbone.parameters(), grads):
@@ -170,12 +227,25 @@ def linear_probe(backbone: nn.Module, train_index: FileIndex, val_index: FileInd
     if not history:
         raise UserError("linear-eval trained for 0 epochs; set train.epochs >= 1 (and train.max_steps=0)")
     best = max(history, key=lambda e: e["top1"])
-    return fc, {"top1": history[-1]["top1"], "top5": history[-1]["top5"], "best_top1": best["top1"], "best_epoch": best["epoch"],
-                "history": history, "mode": "cached-features" if cfg.eval.cached_features else "augmented"}
+    return fc, {
+        "top1": history[-1]["top1"],
+        "top5": history[-1]["top5"],
+        "best_top1": best["top1"],
+        "best_epoch": best["epoch"],
+        "history": history,
+        "mode": "cached-features" if cfg.eval.cached_features else "augmented",
+    }
 
 
-def run_linear_eval(checkpoint: str, preset: Optional[str], overrides: list[str], *, out: Optional[str], force: bool,
-                    show_progress: bool = True) -> dict:
+def run_linear_eval(
+    checkpoint: str,
+    preset: Optional[str],
+    overrides: list[str],
+    *,
+    out: Optional[str],
+    force: bool,
+    show_progress: bool = True,
+) -> dict:
     """Linear probe of ``checkpoint``'s frozen backbone; writes ``classifier.safetensors`` and
     returns the JSON-ready result: ``top1``, ``top5``, ``best_top1``, ``mode``, ``checkpoint``, ``run_dir`` ..."""
     refuse_early("linear-eval", out, force)
@@ -190,16 +260,29 @@ def run_linear_eval(checkpoint: str, preset: Optional[str], overrides: list[str]
     reporter = Reporter(enabled=show_progress)
     metrics = MetricsLog(run_dir / "metrics.jsonl")
     with file_log(run_dir / "train.log"):
-        log.info("linear-eval of %s (%s): %d train / %d val images, %d classes, %s path", info.source, info.description,
-                 len(train_index), len(val_index), len(train_index.classes),
-                 "cached-features" if cfg.eval.cached_features else "augmented")
+        log.info(
+            "linear-eval of %s (%s): %d train / %d val images, %d classes, %s path",
+            info.source,
+            info.description,
+            len(train_index),
+            len(val_index),
+            len(train_index.classes),
+            "cached-features" if cfg.eval.cached_features else "augmented",
+        )
         with reporter:
             fc, res = linear_probe(backbone, train_index, val_index, cfg, device, reporter, metrics)
     path = run_dir / "classifier.safetensors"
     summary_info = {k: res[k] for k in ("top1", "top5", "best_top1", "best_epoch", "mode")}
     if dist.is_main():
-        save_classifier(path, fc.weight.detach(), fc.bias.detach(), info=info, fingerprint=fingerprint,
-                        classes=list(train_index.classes), extra={"protocol": "linear", **summary_info})
+        save_classifier(
+            path,
+            fc.weight.detach(),
+            fc.bias.detach(),
+            info=info,
+            fingerprint=fingerprint,
+            classes=list(train_index.classes),
+            extra={"protocol": "linear", **summary_info},
+        )
     result = {  # accuracies rounded to 4 decimals: float32 accumulation noise is not information
         "top1": round(res["top1"], 4),
         "top5": round(res["top5"], 4),
@@ -218,4 +301,3 @@ def run_linear_eval(checkpoint: str, preset: Optional[str], overrides: list[str]
     metrics.write({"type": "final", **{k: result[k] for k in ("top1", "top5", "best_top1", "best_epoch", "mode")}})
     close_run(run_dir, result)
     return result
-

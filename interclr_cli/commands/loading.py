@@ -21,8 +21,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple, Optional
 
 import torch
@@ -108,7 +108,9 @@ def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], what: str, p
             detail = f"{len(missing)} tensors missing, e.g. {missing[0]}"
         else:
             detail = f"{len(extra)} unexpected tensors, e.g. {extra[0]}"
-        raise UserError(f"{path} does not hold a {what} ({detail}); the file is damaged or was written for another architecture")
+        raise UserError(
+            f"{path} does not hold a {what} ({detail}); the file is damaged or was written for another architecture"
+        )
     module.load_state_dict(state, strict=True)
 
 
@@ -124,7 +126,9 @@ def _head_from_state(state: dict[str, torch.Tensor], path: Path) -> Optional[nn.
         out, dim = state["weight"].shape
         head = nn.Linear(int(dim), int(out))
     else:
-        raise UserError(f"{path} has a projection head of unknown layout (keys {sorted(state)[:3]}); export the backbone alone")
+        raise UserError(
+            f"{path} has a projection head of unknown layout (keys {sorted(state)[:3]}); export the backbone alone"
+        )
     _load_strict(head, state, "projection head", path)
     return head
 
@@ -135,11 +139,13 @@ def _section(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.T
 
 
 def _info(source: str, kind: str, arch: str, small_stem: bool, **extra) -> CheckpointInfo:
-    return CheckpointInfo(source=source, kind=kind, arch=arch, small_stem=bool(small_stem), feature_dim=FEATURE_DIMS[arch], **extra)
+    return CheckpointInfo(
+        source=source, kind=kind, arch=arch, small_stem=bool(small_stem), feature_dim=FEATURE_DIMS[arch], **extra
+    )
 
 
 def _random(spec: str) -> tuple[nn.Module, nn.Module, CheckpointInfo]:
-    name = spec[len(RANDOM_PREFIX):]
+    name = spec[len(RANDOM_PREFIX) :]
     small = name.endswith("-small")
     arch = name[: -len("-small")] if small else name
     if arch not in BACKBONES:
@@ -161,7 +167,9 @@ def _from_training(path: Path, tensors: dict, meta: dict) -> tuple[nn.Module, Op
     except (KeyError, ValueError, TypeError) as e:
         raise UserError(f"{path} has damaged metadata ({type(e).__name__}: {e}); use another checkpoint") from None
     if arch not in BACKBONES:
-        raise UserError(f"{path} was trained with model.arch={arch!r}, which this interclr cannot build; upgrade interclr")
+        raise UserError(
+            f"{path} was trained with model.arch={arch!r}, which this interclr cannot build; upgrade interclr"
+        )
     kind = meta.get("kind", "pretrain")
     backbone, _ = build_backbone(arch, small)
     image_size = (cfg.get("data") or {}).get("image_size")
@@ -170,13 +178,25 @@ def _from_training(path: Path, tensors: dict, meta: dict) -> tuple[nn.Module, Op
         _load_strict(backbone, _section(tensors, "model.backbone."), f"{describe(arch, small)} backbone", path)
         fc = _section(tensors, "model.fc.")
         if set(fc) != {"weight", "bias"}:
-            raise UserError(f"{path} is a fine-tuning checkpoint without its classifier (model.fc.*); use another checkpoint")
+            raise UserError(
+                f"{path} is a fine-tuning checkpoint without its classifier (model.fc.*); use another checkpoint"
+            )
         classes = info_meta.get("classes")
-        info = _info(str(path), "finetune", arch, small, classifier={"weight": fc["weight"], "bias": fc["bias"]}, classes=classes, **extra)
+        info = _info(
+            str(path),
+            "finetune",
+            arch,
+            small,
+            classifier={"weight": fc["weight"], "bias": fc["bias"]},
+            classes=classes,
+            **extra,
+        )
         return backbone, None, info
     bb = _section(tensors, "model.encoder_q.backbone.")
     if not bb:
-        raise UserError(f"{path} is an interclr checkpoint of kind {kind!r} without a backbone (model.encoder_q.backbone.*); use a pretrain or finetune checkpoint")
+        raise UserError(
+            f"{path} is an interclr checkpoint of kind {kind!r} without a backbone (model.encoder_q.backbone.*); use a pretrain or finetune checkpoint"
+        )
     _load_strict(backbone, bb, f"{describe(arch, small)} backbone", path)
     head = _head_from_state(_section(tensors, "model.encoder_q.head."), path)
     if head is not None:
@@ -199,7 +219,9 @@ def _from_export(path: Path, tensors: dict, meta: dict) -> tuple[nn.Module, None
     arch = meta.get("arch", "")
     small = str(meta.get("small_stem", "false")).lower() == "true"
     if arch not in BACKBONES:
-        raise UserError(f"{path} is an interclr export of unknown architecture {arch!r}; re-export it with this interclr")
+        raise UserError(
+            f"{path} is an interclr export of unknown architecture {arch!r}; re-export it with this interclr"
+        )
     side = read_export_json(path)
     backbone, _ = build_backbone(arch, small)
     fc = {k[3:]: v for k, v in tensors.items() if k.startswith("fc.")}
@@ -213,7 +235,11 @@ def _from_export(path: Path, tensors: dict, meta: dict) -> tuple[nn.Module, None
     extra_meta = side.get("meta") or {}
     classes = extra_meta.get("classes") if isinstance(extra_meta, dict) else None
     image_size = (side.get("preprocessing") or {}).get("crop")
-    return backbone, None, _info(str(path), "export", arch, small, classifier=classifier, classes=classes, image_size=image_size)
+    return (
+        backbone,
+        None,
+        _info(str(path), "export", arch, small, classifier=classifier, classes=classes, image_size=image_size),
+    )
 
 
 def load_backbone(path) -> LoadedModel:
@@ -264,8 +290,17 @@ def backbone_fingerprint(backbone: nn.Module) -> str:
 
 # --- the linear-eval classifier file ----------------------------------------------------------------
 
-def save_classifier(path: Path, weight: torch.Tensor, bias: torch.Tensor, *, info: CheckpointInfo, fingerprint: str,
-                    classes: list[str], extra: Optional[dict] = None) -> None:
+
+def save_classifier(
+    path: Path,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    *,
+    info: CheckpointInfo,
+    fingerprint: str,
+    classes: list[str],
+    extra: Optional[dict] = None,
+) -> None:
     """``classifier.safetensors``: tensors ``weight`` [C, D] and ``bias`` [C]; metadata
     ``format=interclr-classifier``, ``arch``, ``small_stem``, ``feature_dim``, ``num_classes``,
     ``classes`` (JSON), ``backbone_fingerprint`` (see :func:`backbone_fingerprint`), ``source``
@@ -292,10 +327,18 @@ def read_classifier(path) -> dict:
         raise UserError(f"--classifier {p} is a pickle file; give the classifier.safetensors written by linear-eval")
     tensors, meta = read_safetensors(p)
     if meta.get("format") != CLASSIFIER_FORMAT:
-        what = "a checkpoint or export" if meta.get("format") in (FORMAT, EXPORT_FORMAT) or meta.get("interclr_export") else "not a classifier"
-        raise UserError(f"--classifier {p} is {what}; give the classifier.safetensors written by `interclr linear-eval`")
+        what = (
+            "a checkpoint or export"
+            if meta.get("format") in (FORMAT, EXPORT_FORMAT) or meta.get("interclr_export")
+            else "not a classifier"
+        )
+        raise UserError(
+            f"--classifier {p} is {what}; give the classifier.safetensors written by `interclr linear-eval`"
+        )
     if set(tensors) != {"weight", "bias"} or tensors["weight"].ndim != 2:
-        raise UserError(f"--classifier {p} is damaged (expected tensors weight [C, D] and bias [C]); run linear-eval again")
+        raise UserError(
+            f"--classifier {p} is damaged (expected tensors weight [C, D] and bias [C]); run linear-eval again"
+        )
     try:
         classes = json.loads(meta.get("classes", "[]"))
     except ValueError:

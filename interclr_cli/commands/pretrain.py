@@ -14,8 +14,15 @@ from ..training.rundir import check_run_dir, default_run_dir, prepare_run_dir
 __all__ = ["LATEST", "run_pretrain"]
 
 
-def run_pretrain(preset: Optional[str], overrides: list[str], *, out: Optional[str], resume: Optional[str],
-                 force: bool, show_progress: bool = True) -> dict:
+def run_pretrain(
+    preset: Optional[str],
+    overrides: list[str],
+    *,
+    out: Optional[str],
+    resume: Optional[str],
+    force: bool,
+    show_progress: bool = True,
+) -> dict:
     """Pretrain a new run from ``preset`` + ``overrides`` into ``out`` (default
     ``runs/<preset>-<timestamp>``), or continue the run ``resume`` names; the JSON-ready summary:
     ``run_dir``, ``checkpoint``, ``epochs``, ``steps``, ``skipped``, ``method`` and the last monitors."""

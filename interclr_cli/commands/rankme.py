@@ -13,18 +13,25 @@ from typing import Optional
 import numpy as np
 
 from ..eval.rankme import rankme
-from ..training.features import subset_index
 from ..runtime.device import process_device
 from ..runtime.progress import Reporter
+from ..training.features import extract_with_config, subset_index
 from ..training.rundir import MetricsLog, file_log
-from .common import close_run, open_run, prepare_backbone, refuse_early, resolve_config, run_extract, single_folder
+from .common import close_run, open_run, prepare_backbone, refuse_early, resolve_config, single_folder
 from .loading import load_backbone
 
 log = logging.getLogger("interclr")
 
 
-def run_rankme(checkpoint: str, preset: Optional[str], overrides: list[str], *, out: Optional[str], force: bool,
-               show_progress: bool = True) -> dict:
+def run_rankme(
+    checkpoint: str,
+    preset: Optional[str],
+    overrides: list[str],
+    *,
+    out: Optional[str],
+    force: bool,
+    show_progress: bool = True,
+) -> dict:
     """RankMe of ``checkpoint``'s embeddings and backbone features on a seeded subset of
     ``data.root``; the JSON-ready result: ``rankme_embedding`` (None without a head),
     ``rankme_backbone``, ``num_images``, ``run_dir`` ..."""
@@ -46,7 +53,7 @@ def run_rankme(checkpoint: str, preset: Optional[str], overrides: list[str], *, 
         return (f, head(f)) if head is not None else f
 
     with file_log(run_dir / "train.log"), Reporter(enabled=show_progress) as reporter:
-        feats, _ = run_extract(both, subset, cfg, device, reporter, "features")
+        feats, _ = extract_with_config(both, subset, cfg, device, reporter, "features")
     if head is None:
         log.warning("%s has no projection head: rankme_embedding is null", info.source)
     result = {
@@ -59,7 +66,8 @@ def run_rankme(checkpoint: str, preset: Optional[str], overrides: list[str], *, 
         "arch": info.description,
         "run_dir": str(run_dir),
     }
-    MetricsLog(run_dir / "metrics.jsonl").write({"type": "rankme", "rankme_embedding": result["rankme_embedding"],
-                                                 "rankme_backbone": result["rankme_backbone"]})
+    MetricsLog(run_dir / "metrics.jsonl").write(
+        {"type": "rankme", "rankme_embedding": result["rankme_embedding"], "rankme_backbone": result["rankme_backbone"]}
+    )
     close_run(run_dir, result)
     return result

@@ -53,7 +53,9 @@ def _read_yaml(path: Path) -> dict:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
-        raise UserError(f"preset {path} is not valid YAML ({getattr(e, 'problem', 'parse error')}{where}); fix the file") from None
+        raise UserError(
+            f"preset {path} is not valid YAML ({getattr(e, 'problem', 'parse error')}{where}); fix the file"
+        ) from None
     except OSError as e:
         raise UserError(f"cannot read preset {path}: {e.strerror}") from None
     if data is None:
@@ -67,7 +69,9 @@ def _find_preset(name: str) -> Path:
     p = Path(name)
     if name.endswith((".yaml", ".yml")) or p.is_file():
         if not p.is_file():
-            raise UserError(f"preset file {name} does not exist; give a path to a YAML file or a name from `interclr presets`")
+            raise UserError(
+                f"preset file {name} does not exist; give a path to a YAML file or a name from `interclr presets`"
+            )
         return p
     cand = preset_dir() / f"{name}.yaml"
     if cand.is_file():
@@ -107,6 +111,7 @@ def load_preset_mapping(name: str, _seen: tuple = ()) -> dict:
 
 # --- typed conversion -------------------------------------------------------------------------
 
+
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is list:
@@ -121,6 +126,7 @@ def _type_name(tp: Any) -> str:
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Convert a YAML value (or a string from the command line) to the schema type."""
+
     def bad():
         return UserError(f"{key} expects {_type_name(tp)}, got {value!r}")
 
@@ -248,7 +254,9 @@ def key_table() -> list[dict[str, Any]]:
     for k in all_keys():
         tp, default = _field(k)
         allowed = _literal_args(tp)
-        rows.append({"key": k, "type": "choice" if allowed else _type_name(tp), "default": default, "choices": list(allowed)})
+        rows.append(
+            {"key": k, "type": "choice" if allowed else _type_name(tp), "default": default, "choices": list(allowed)}
+        )
     return rows
 
 
@@ -356,11 +364,26 @@ def validate(cfg: Config) -> None:
     dev = cfg.device
     if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         raise UserError(f"device must be auto, cpu, cuda or cuda:N; got {dev!r}")
-    positive = ["train.batch_size", "train.epochs", "data.image_size", "model.embed_dim", "train.keep_last", "train.log_every"]
+    positive = [
+        "train.batch_size",
+        "train.epochs",
+        "data.image_size",
+        "model.embed_dim",
+        "train.keep_last",
+        "train.log_every",
+    ]
     for key in positive:
         if get_key(cfg, key) <= 0:
             raise UserError(f"{key} must be positive; got {get_key(cfg, key)!r}")
-    nonneg = ["train.max_steps", "data.num_workers", "optim.lr", "optim.weight_decay", "optim.warmup_epochs", "train.ckpt_every", "method.queue_size"]
+    nonneg = [
+        "train.max_steps",
+        "data.num_workers",
+        "optim.lr",
+        "optim.weight_decay",
+        "optim.warmup_epochs",
+        "train.ckpt_every",
+        "method.queue_size",
+    ]
     for key in nonneg:
         if get_key(cfg, key) < 0:
             raise UserError(f"{key} must be >= 0; got {get_key(cfg, key)!r}")
@@ -371,7 +394,9 @@ def validate(cfg: Config) -> None:
     if not 0.0 < cfg.data.label_fraction <= 1.0:
         raise UserError(f"data.label_fraction must be in (0, 1]; got {cfg.data.label_fraction}")
     if cfg.data.in_memory and cfg.data.augment_on != "device":
-        raise UserError("data.in_memory=true augments on the device; add data.augment_on=device (or set data.in_memory=false)")
+        raise UserError(
+            "data.in_memory=true augments on the device; add data.augment_on=device (or set data.in_memory=false)"
+        )
     if len(cfg.data.mean) != 3 or len(cfg.data.std) != 3:
         raise UserError("data.mean and data.std need 3 values, e.g. data.mean=[0.485,0.456,0.406]")
 

@@ -15,7 +15,7 @@ Sections are shared between commands: ``pretrain`` reads ``data``, ``model``, ``
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal
 
 # The keys with a fixed set of values (named where other modules read them).
 Source = Literal["auto", "imagefolder", "folder", "filelist"]

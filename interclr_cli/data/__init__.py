@@ -1,10 +1,10 @@
 """The data layer: index a data root, load and augment images, sample and batch them."""
 
 from .builtin import BUILTIN_DATASETS, resolve_builtin
-from .device_aug import DeviceAugment, crop_flip_transform
-from .memory import InMemoryImages
 from .datasets import ImageDataset, collate_skip, load_rgb
+from .device_aug import DeviceAugment, crop_flip_transform
 from .loader import build_eval_loader, build_loader, eval_shard, loader_from_config
+from .memory import InMemoryImages
 from .samplers import EpochBatchSampler, aug_seeds
 from .sources import IMAGE_EXTENSIONS, SOURCES, FileIndex, index_source, resolve_eval_split
 from .transforms import eval_transform, linear_train_transform, moco_v2_transform

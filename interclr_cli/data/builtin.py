@@ -20,7 +20,7 @@ PREFIX = "builtin:"
 def resolve_builtin(name: str) -> Path:
     """The folder of a shipped data set; ``name`` may carry the ``builtin:`` prefix."""
     if name.startswith(PREFIX):
-        name = name[len(PREFIX):]
+        name = name[len(PREFIX) :]
     if name not in BUILTIN_DATASETS:
         available = ", ".join(f"builtin:{n}" for n in sorted(BUILTIN_DATASETS))
         raise UserError(f"unknown built-in data set {name!r}; available: {available}")

@@ -52,8 +52,9 @@ class ImageDataset(Dataset):
 
     MAX_SUBSTITUTE_TRIES = 1000
 
-    def __init__(self, index: FileIndex, transform: Union[Callable, Sequence[Callable]], views: int = 2,
-                 substitute: bool = False):
+    def __init__(
+        self, index: FileIndex, transform: Union[Callable, Sequence[Callable]], views: int = 2, substitute: bool = False
+    ):
         if views not in (1, 2):
             raise ValueError(f"views must be 1 or 2, got {views}")
         if callable(transform):

@@ -37,11 +37,13 @@ SIGMA = (0.1, 2.0)
 
 def crop_flip_transform(cfg: DataConfig) -> T.Compose:
     """The worker half: RandomResizedCrop, horizontal flip, uint8 tensor [3, S, S]."""
-    return T.Compose([
-        T.RandomResizedCrop(cfg.image_size, scale=(cfg.crop_min_scale, 1.0)),
-        T.RandomHorizontalFlip(),
-        T.PILToTensor(),
-    ])
+    return T.Compose(
+        [
+            T.RandomResizedCrop(cfg.image_size, scale=(cfg.crop_min_scale, 1.0)),
+            T.RandomHorizontalFlip(),
+            T.PILToTensor(),
+        ]
+    )
 
 
 def step_seed(seed: int, epoch: int, step_in_epoch: int, rank: int, view: int) -> int:
@@ -143,20 +145,32 @@ class DeviceAugment:
         others. ``order[b]`` is image b's permutation of (brightness, contrast, saturation, hue).
         """
         c = self.cfg
-        jitter_on, gray_on, blur_on = self._coin(n, c.color_jitter_p), self._coin(n, c.grayscale_p), self._coin(n, c.blur_p)
+        jitter_on, gray_on, blur_on = (
+            self._coin(n, c.color_jitter_p),
+            self._coin(n, c.grayscale_p),
+            self._coin(n, c.blur_p),
+        )
         factors = [self._uniform(n, 1 - JITTER[k], 1 + JITTER[k]) for k in ("brightness", "contrast", "saturation")]
         factors.append(self._uniform(n, -JITTER["hue"], JITTER["hue"]))
         order = torch.rand(n, 4, generator=self.gen, device=self.device).argsort(dim=1)  # [B, 4]
         sigma = self._uniform(n, *SIGMA)
-        return {"jitter_on": jitter_on, "gray_on": gray_on, "blur_on": blur_on, "factors": torch.stack(factors, 1),
-                "order": order, "sigma": sigma}
+        return {
+            "jitter_on": jitter_on,
+            "gray_on": gray_on,
+            "blur_on": blur_on,
+            "factors": torch.stack(factors, 1),
+            "order": order,
+            "sigma": sigma,
+        }
 
     def apply(self, x: torch.Tensor, prm: dict[str, torch.Tensor]) -> torch.Tensor:
         """Jitter, grayscale and blur float views ``x`` [B, 3, H, W] in [0, 1] (not normalised)."""
         c = self.cfg
         if c.color_jitter_p > 0:
             y = x
-            for slot in range(4):  # each image runs its own order: every op on the batch, kept where it is that image's turn
+            for slot in range(
+                4
+            ):  # each image runs its own order: every op on the batch, kept where it is that image's turn
                 op_here = prm["order"][:, slot].view(-1, 1, 1, 1)
                 y = sum(torch.where(op_here == k, op(y, prm["factors"][:, k]), 0.0) for k, op in enumerate(_OPS))
             x = torch.where(prm["jitter_on"], y, x)
@@ -171,7 +185,9 @@ class DeviceAugment:
         return (x - self.mean) / self.std
 
     @torch.no_grad()
-    def __call__(self, views: torch.Tensor, *, epoch: int, step_in_epoch: int, rank: int = 0, view: int = 0) -> torch.Tensor:
+    def __call__(
+        self, views: torch.Tensor, *, epoch: int, step_in_epoch: int, rank: int = 0, view: int = 0
+    ) -> torch.Tensor:
         """Augmented, normalised float views [B, 3, H, W] on the device from cropped uint8 views."""
         if views.dtype != torch.uint8 or views.dim() != 4 or views.shape[1] != 3:
             raise ValueError(f"expected uint8 views [B, 3, H, W], got {views.dtype} {tuple(views.shape)}")
@@ -179,7 +195,9 @@ class DeviceAugment:
         return self._finish(views.to(self.device, non_blocking=True).float().div_(255))
 
     @torch.no_grad()
-    def from_images(self, images: torch.Tensor, *, epoch: int, step_in_epoch: int, rank: int = 0, view: int = 0) -> torch.Tensor:
+    def from_images(
+        self, images: torch.Tensor, *, epoch: int, step_in_epoch: int, rank: int = 0, view: int = 0
+    ) -> torch.Tensor:
         """The whole recipe on whole uint8 images [B, 3, H, W] already on the device (``data.in_memory``):
         RandomResizedCrop to ``image_size`` and flip too, then as :meth:`__call__`."""
         self.gen.manual_seed(step_seed(self.seed, epoch, step_in_epoch, rank, view))
@@ -194,8 +212,16 @@ class DeviceAugment:
 # ----------------------------------------------------------------------------- crop and flip on the device
 
 
-def draw_crops(n: int, height: int, width: int, scale: tuple[float, float], gen: torch.Generator,
-               device: torch.device, ratio: tuple[float, float] = (3 / 4, 4 / 3), attempts: int = 10) -> torch.Tensor:
+def draw_crops(
+    n: int,
+    height: int,
+    width: int,
+    scale: tuple[float, float],
+    gen: torch.Generator,
+    device: torch.device,
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    attempts: int = 10,
+) -> torch.Tensor:
     """RandomResizedCrop boxes [n, 4] (x1, y1, x2, y2 in pixels) drawn as torchvision does.
 
     Per image: area fraction ~ U(scale), log aspect ratio ~ U(log ratio); the first of ``attempts``
@@ -242,5 +268,7 @@ def crop_resize(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.T
     """
     from torchvision.ops import roi_align
 
-    rois = torch.cat([torch.arange(len(boxes), device=boxes.device, dtype=images.dtype)[:, None], boxes.to(images.dtype)], dim=1)
+    rois = torch.cat(
+        [torch.arange(len(boxes), device=boxes.device, dtype=images.dtype)[:, None], boxes.to(images.dtype)], dim=1
+    )
     return roi_align(images, rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)

@@ -51,8 +51,14 @@ def eval_shard(num_samples: int, rank: int = 0, world_size: int = 1) -> range:
 
 def loader_from_config(dataset: Dataset, batch_sampler, data_cfg) -> DataLoader:
     """:func:`build_loader` with the worker settings of a ``DataConfig`` (``data.*`` keys)."""
-    return build_loader(dataset, batch_sampler, num_workers=data_cfg.num_workers, pin_memory=data_cfg.pin_memory,
-                        persistent_workers=data_cfg.persistent_workers, prefetch_factor=data_cfg.prefetch_factor)
+    return build_loader(
+        dataset,
+        batch_sampler,
+        num_workers=data_cfg.num_workers,
+        pin_memory=data_cfg.pin_memory,
+        persistent_workers=data_cfg.persistent_workers,
+        prefetch_factor=data_cfg.prefetch_factor,
+    )
 
 
 def build_eval_loader(

@@ -38,8 +38,10 @@ class InMemoryImages:
                 if shape is None:
                     shape = a.shape
                 elif a.shape != shape:
-                    raise UserError(f"data.in_memory needs images of one size: {dataset.path(i)} is {a.shape[1]}x{a.shape[0]}, "
-                                    f"others {shape[1]}x{shape[0]}; resize the data set or set data.in_memory=false")
+                    raise UserError(
+                        f"data.in_memory needs images of one size: {dataset.path(i)} is {a.shape[1]}x{a.shape[0]}, "
+                        f"others {shape[1]}x{shape[0]}; resize the data set or set data.in_memory=false"
+                    )
                 arrays.append(a)
         ok = np.array([a is not None for a in arrays])
         if not ok.any():
@@ -53,8 +55,14 @@ class InMemoryImages:
         nxt = np.searchsorted(readable, np.arange(n))
         self.src = np.where(ok, np.arange(n), readable[nxt % len(readable)])
         self.labels = torch.as_tensor(dataset.labels, dtype=torch.long)
-        log.info("data.in_memory: %d images of %dx%d, %.1f MB on %s", n, shape[1], shape[0],
-                 self.images.numel() / 2**20, device)
+        log.info(
+            "data.in_memory: %d images of %dx%d, %.1f MB on %s",
+            n,
+            shape[1],
+            shape[0],
+            self.images.numel() / 2**20,
+            device,
+        )
 
     def __len__(self) -> int:
         return len(self.src)
@@ -65,5 +73,9 @@ class InMemoryImages:
         src = self.src[idx]
         skipped = int((~self.ok[idx]).sum())
         src_t = torch.from_numpy(src)
-        return {"images": self.images[src_t.to(self.images.device)], "index": torch.from_numpy(src),
-                "label": self.labels[src_t], "skipped": skipped}
+        return {
+            "images": self.images[src_t.to(self.images.device)],
+            "index": torch.from_numpy(src),
+            "label": self.labels[src_t],
+            "skipped": skipped,
+        }

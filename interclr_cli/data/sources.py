@@ -262,7 +262,7 @@ def _read_filelist(list_path: str) -> FileIndex:
 def _resolve_root(root: str) -> str:
     """An absolute path for ``root`` (``builtin:NAME[/SUB]`` resolved); UserError if missing."""
     if root.startswith(BUILTIN_PREFIX):
-        name, _, sub = root[len(BUILTIN_PREFIX):].partition("/")
+        name, _, sub = root[len(BUILTIN_PREFIX) :].partition("/")
         path = str(resolve_builtin(name) / sub) if sub else str(resolve_builtin(name))
     elif not root:
         raise UserError("data.root is empty; set data.root=PATH to an image folder, a file list or builtin:NAME")
@@ -342,7 +342,7 @@ def _write_cache(path: Path, key: dict, index: FileIndex) -> None:
     # Every line starts with the prefix iff the first does and "\n" + prefix occurs n - 1 times.
     relative = n > 0 and body.startswith(prefix) and body.count("\n" + prefix) == n - 1
     if relative:
-        body = body[len(prefix):].replace("\n" + prefix, "\n")
+        body = body[len(prefix) :].replace("\n" + prefix, "\n")
     labels = np.asarray(index.labels, dtype=np.int64)
     if len(labels):
         starts = np.flatnonzero(np.r_[True, labels[1:] != labels[:-1]])

@@ -231,7 +231,7 @@ def pca_fit(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     mean = x.double().mean(0)
     cov = torch.zeros(d, d, dtype=torch.float64, device=x.device)
     for s in range(0, n, _PCA_CHUNK):
-        c = x[s:s + _PCA_CHUNK].double() - mean
+        c = x[s : s + _PCA_CHUNK].double() - mean
         cov += c.T @ c
     cov /= max(n - 1, 1)
     _, vecs = torch.linalg.eigh(cov)
@@ -247,4 +247,13 @@ def pca_apply(x: torch.Tensor, mean: torch.Tensor, comps: torch.Tensor) -> torch
     return F.normalize((x - mean) @ comps.T, dim=1)
 
 
-__all__ = ["KMeans", "assign", "faiss_available", "faiss_gpu_available", "faiss_num_gpus", "kmeans", "pca_apply", "pca_fit"]
+__all__ = [
+    "KMeans",
+    "assign",
+    "faiss_available",
+    "faiss_gpu_available",
+    "faiss_num_gpus",
+    "kmeans",
+    "pca_apply",
+    "pca_fit",
+]

@@ -33,9 +33,7 @@ def _check_inputs(train_feats, train_labels, test_feats, ks, temperature) -> lis
     if not ks or ks[0] < 1:
         raise UserError(f"kNN: k must be positive integers, got {list(ks)}")
     if ks[-1] > train_feats.shape[0]:
-        raise UserError(
-            f"kNN: k={ks[-1]} exceeds the {train_feats.shape[0]} training samples; use a smaller --k"
-        )
+        raise UserError(f"kNN: k={ks[-1]} exceeds the {train_feats.shape[0]} training samples; use a smaller --k")
     if not temperature > 0:
         raise UserError(f"kNN: the temperature must be positive, got {temperature}")
     return ks
@@ -65,7 +63,9 @@ def knn_classify(
     if num_classes is None:
         num_classes = int(labels.max()) + 1
     elif int(labels.max()) >= num_classes or int(labels.min()) < 0:
-        raise UserError(f"kNN: training labels must lie in [0, {num_classes}); got {int(labels.min())}..{int(labels.max())}")
+        raise UserError(
+            f"kNN: training labels must lie in [0, {num_classes}); got {int(labels.min())}..{int(labels.max())}"
+        )
     # Normalising by the inverse norms after the product avoids a normalised copy of the train set.
     train_inv_norm = 1.0 / torch.linalg.vector_norm(train_feats, dim=1, dtype=torch.float32).clamp_min(1e-12)
     kmax = ks[-1]

@@ -36,7 +36,9 @@ def topk_accuracy(logits: torch.Tensor, targets: torch.Tensor, ks: Sequence[int]
 
 
 @torch.no_grad()
-def score_classifier(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, chunk: int = 4096) -> dict:
+def score_classifier(
+    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, chunk: int = 4096
+) -> dict:
     """``{"val_loss", "top1", "top5"}`` (mean cross-entropy, percent) of the logits ``fn(x)`` for
     labels ``y`` [N], computed in chunks of ``chunk`` rows on x's device with one host sync."""
     sums = torch.zeros(3, dtype=torch.float64, device=x.device)  # loss, top-1 hits, top-5 hits
@@ -70,7 +72,9 @@ def _check_inputs(train_x, train_y, val_x, val_y, num_classes: int, epochs: int,
         raise UserError(f"linear eval: epochs and batch size must be positive, got {epochs} and {batch_size}")
 
 
-def _epoch(model: nn.Linear, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int) -> torch.Tensor:
+def _epoch(
+    model: nn.Linear, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int
+) -> torch.Tensor:
     """One epoch over (x, y) in the order of a permutation seeded with ``seed``; the summed loss."""
     model.train()
     order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed)).to(x.device)
@@ -132,12 +136,24 @@ def train_linear_on_features(
         total = _epoch(model, opt, xtr, ytr, batch_size, seed + epoch)
         train_loss = float(total) / xtr.shape[0]
         if not math.isfinite(train_loss):
-            raise WorkError(f"linear eval diverged: the training loss is not finite in epoch {epoch + 1}; lower optim.lr")
+            raise WorkError(
+                f"linear eval diverged: the training loss is not finite in epoch {epoch + 1}; lower optim.lr"
+            )
         model.eval()
-        entry = {"epoch": epoch + 1, "lr": epoch_lr, "train_loss": train_loss, **score_classifier(model, xva, yva, max(batch_size, 1024))}
+        entry = {
+            "epoch": epoch + 1,
+            "lr": epoch_lr,
+            "train_loss": train_loss,
+            **score_classifier(model, xva, yva, max(batch_size, 1024)),
+        }
         history.append(entry)
         if progress_cb is not None:
             progress_cb(entry)
     best = max(history, key=lambda e: e["top1"])
-    return model, {"top1": history[-1]["top1"], "top5": history[-1]["top5"], "best_top1": best["top1"],
-                   "best_epoch": best["epoch"], "history": history}
+    return model, {
+        "top1": history[-1]["top1"],
+        "top5": history[-1]["top5"],
+        "best_top1": best["top1"],
+        "best_epoch": best["epoch"],
+        "history": history,
+    }

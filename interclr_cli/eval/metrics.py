@@ -47,9 +47,7 @@ def _codes(labels_true, labels_pred) -> tuple[np.ndarray, np.ndarray]:
     if t.ndim != 1 or p.ndim != 1:
         raise UserError(f"cluster labels must be 1-D arrays, got shapes {t.shape} and {p.shape}")
     if t.shape[0] != p.shape[0]:
-        raise UserError(
-            f"{t.shape[0]} true labels but {p.shape[0]} cluster assignments; score the same samples"
-        )
+        raise UserError(f"{t.shape[0]} true labels but {p.shape[0]} cluster assignments; score the same samples")
     if t.shape[0] == 0:
         raise UserError("no samples to score: the label arrays are empty")
     _, ti = np.unique(t, return_inverse=True)

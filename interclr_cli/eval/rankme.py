@@ -16,7 +16,9 @@ RANKME_SAMPLES = 25_600
 RANKME_EPS = 1e-7
 
 
-def rankme(features: torch.Tensor, *, max_samples: int = RANKME_SAMPLES, seed: int = 0, eps: float = RANKME_EPS) -> float:
+def rankme(
+    features: torch.Tensor, *, max_samples: int = RANKME_SAMPLES, seed: int = 0, eps: float = RANKME_EPS
+) -> float:
     """RankMe of ``features`` [N, D]: exp(-sum p_k log p_k), p_k = s_k / sum(s) + eps.
 
     ``s`` are the singular values of the feature matrix, computed in float64 on the features'

@@ -171,9 +171,7 @@ def _all_true(ok: torch.Tensor) -> bool:
     return ok.device.type == "cpu" and bool(ok.all())
 
 
-def _fill_invalid(
-    idx: torch.Tensor, ok: torch.Tensor, m: int, generator: Optional[torch.Generator]
-) -> Negatives:
+def _fill_invalid(idx: torch.Tensor, ok: torch.Tensor, m: int, generator: Optional[torch.Generator]) -> Negatives:
     """Return [B, m] from ``idx`` [B, k] (k <= m): admissible slots (``ok`` [B, k]) are kept, the
     others (and the k..m-1 missing ones) get a uniform pick among the row's admissible slots
     (i.e. repeats: draws with replacement for rows short of admissible entries). ``valid`` is

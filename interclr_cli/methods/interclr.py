@@ -44,12 +44,11 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from ..eval.clustering import kmeans
 from ..config.schema import Config
-from ..runtime import dist
+from ..eval.clustering import kmeans
 from ..losses import margin_nce
-from ..memory import LabelIndex, MemoryBank, OnlineLabels, sample_negatives, sample_positives
-from ..memory import _rng
+from ..memory import LabelIndex, MemoryBank, OnlineLabels, _rng, sample_negatives, sample_positives
+from ..runtime import dist
 from .base import TrainContext
 from .mocov2 import MoCoV2
 
@@ -160,12 +159,20 @@ class InterCLR(MoCoV2):
         it = self.inter_cfg
         labels = torch.zeros(self.num_samples, dtype=torch.long, device=feats.device)
         if dist.is_main():
-            labels = kmeans(feats, self.num_clusters, iters=it.kmeans_iters, seed=self.cfg.seed + epoch,
-                            use_gpu=it.kmeans_gpu, log=log).labels
+            labels = kmeans(
+                feats,
+                self.num_clusters,
+                iters=it.kmeans_iters,
+                seed=self.cfg.seed + epoch,
+                use_gpu=it.kmeans_gpu,
+                log=log,
+            ).labels
             labels = labels.to(feats.device)
             sizes = torch.bincount(labels, minlength=self.num_clusters)
-            log(f"k-means: {self.num_clusters} clusters, sizes {int(sizes.min())}..{int(sizes.max())}, "
-                f"{int((sizes == 0).sum())} empty")
+            log(
+                f"k-means: {self.num_clusters} clusters, sizes {int(sizes.min())}..{int(sizes.max())}, "
+                f"{int((sizes == 0).sum())} empty"
+            )
         return dist.broadcast_(labels, 0)
 
     def _extract(self, ctx: TrainContext) -> torch.Tensor:
@@ -190,8 +197,10 @@ class InterCLR(MoCoV2):
 
     def on_train_start(self, ctx: TrainContext) -> None:
         if self.num_clusters != self.inter_cfg.num_clusters:
-            ctx.log(f"interclr: {self.num_clusters} clusters instead of {self.inter_cfg.num_clusters} "
-                    f"for {self.num_samples} images (at most N / (2 x min_cluster_size))")
+            ctx.log(
+                f"interclr: {self.num_clusters} clusters instead of {self.inter_cfg.num_clusters} "
+                f"for {self.num_samples} images (at most N / (2 x min_cluster_size))"
+            )
         if ctx.resumed:
             return  # bank, labels and centroids come back with the state_dict
         feats = self._extract(ctx)
@@ -224,8 +233,18 @@ class InterCLR(MoCoV2):
         labels = self.labels.labels
         ql = labels[idx]  # [B]
         pos = sample_positives(labels, ql, gen, LabelIndex.build(labels))  # [B]
-        neg = sample_negatives(sim, labels, ql, it.neg_sampling, it.num_negatives, self.pool_size, gen,
-                               it.pool_threshold, it.pool_sample, self._workspace)  # [B, M]
+        neg = sample_negatives(
+            sim,
+            labels,
+            ql,
+            it.neg_sampling,
+            it.num_negatives,
+            self.pool_size,
+            gen,
+            it.pool_threshold,
+            it.pool_sample,
+            self._workspace,
+        )  # [B, M]
         pos_cos = (q * self.bank.rows(pos)).sum(1)  # [B]    q . v_p
         neg_cos = self.bank.cosine(q, neg.indices, sim)  # [B, M] q . v_n (gradient to q only)
         return margin_nce(pos_cos, neg_cos, it.temperature, it.margin, it.margin_type, neg.valid)
@@ -282,5 +301,4 @@ class InterCLR(MoCoV2):
         momentum = self.intra_cfg.npid_bank_momentum if self.npid else self.inter_cfg.bank_momentum
         self.bank.update(idx, keys, momentum)
         if self.online:
-            self._label_stats = self.labels.step(step, idx, self.bank.rows(idx), self.bank.features,
-                                                 self._gen("label"))
+            self._label_stats = self.labels.step(step, idx, self.bank.rows(idx), self.bank.features, self._gen("label"))

@@ -92,7 +92,7 @@ class MoCoV2(Method):
 
     def training_step(self, batch, step, epoch):
         q = F.normalize(self.encoder_q(batch["view1"]), dim=1)  # [B, D]
-        k = self.compute_keys(batch["view2"])                   # [B, D]
+        k = self.compute_keys(batch["view2"])  # [B, D]
         loss = self.intra_loss(q, k)
         self._pending_keys = k
         return loss, {"loss_intra": loss.detach()}

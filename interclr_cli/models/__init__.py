@@ -5,8 +5,16 @@ from .backbones import BACKBONES, FEATURE_DIMS, build_backbone, torchvision_resn
 from .fastconv import PointOutputConv2d, use_point_output_convs
 from .heads import MoCoV2Head
 
-__all__ = ["BACKBONES", "FEATURE_DIMS", "build_backbone", "torchvision_resnet", "MoCoV2Head", "Encoder",
-           "PointOutputConv2d", "use_point_output_convs"]
+__all__ = [
+    "BACKBONES",
+    "FEATURE_DIMS",
+    "build_backbone",
+    "torchvision_resnet",
+    "MoCoV2Head",
+    "Encoder",
+    "PointOutputConv2d",
+    "use_point_output_convs",
+]
 
 import torch.nn as nn
 

@@ -111,9 +111,7 @@ def expected_shapes(arch: str, small_stem: bool, num_classes: int | None = None)
     """Key -> shape of ``torchvision_resnet(arch, small_stem)`` (without ``fc.*`` unless num_classes)."""
     with torch.device("meta"):
         model = torchvision_resnet(arch, small_stem, num_classes=num_classes or 1000)
-    return {
-        k: v.shape for k, v in model.state_dict().items() if num_classes is not None or not k.startswith("fc.")
-    }
+    return {k: v.shape for k, v in model.state_dict().items() if num_classes is not None or not k.startswith("fc.")}
 
 
 def _check_against(state: dict[str, torch.Tensor], arch: str, small_stem: bool, num_classes: int | None) -> None:
@@ -163,8 +161,9 @@ def _export_tensors(state: dict[str, torch.Tensor], fc: dict | None) -> tuple[di
     return tensors, int(fc_t["fc.weight"].shape[0])
 
 
-def _preprocessing(image_size: int, small_stem: bool, resize: int | None, mean: Sequence[float],
-                   std: Sequence[float]) -> dict:
+def _preprocessing(
+    image_size: int, small_stem: bool, resize: int | None, mean: Sequence[float], std: Sequence[float]
+) -> dict:
     """The ``preprocessing`` entry of the export JSON (resize default: crop / 0.875, or the crop
     itself for the small stem)."""
     crop = int(image_size)
@@ -180,8 +179,9 @@ def _preprocessing(image_size: int, small_stem: bool, resize: int | None, mean: 
     }
 
 
-def _export_meta(weights: str, arch: str, small_stem: bool, num_classes: int | None, preprocessing: dict,
-                 extra_meta: dict | None) -> dict:
+def _export_meta(
+    weights: str, arch: str, small_stem: bool, num_classes: int | None, preprocessing: dict, extra_meta: dict | None
+) -> dict:
     """The export JSON: architecture, preprocessing and how to load ``weights`` (the file name)."""
     builder = f"torchvision.models.{arch}({'' if num_classes is None else f'num_classes={num_classes}'})"
     strict = "True" if num_classes is not None else "False"
@@ -245,9 +245,15 @@ def write_torchvision_export(
         raise UserError(f"export file {out} must end in .safetensors; e.g. --out backbone.safetensors")
     tensors, num_classes = _export_tensors(state, fc)
     _check_against(tensors, arch, small_stem, num_classes)
-    meta = _export_meta(out.name, arch, small_stem, num_classes, _preprocessing(image_size, small_stem, resize, mean, std),
-                        extra_meta)
-    st_meta = {"format": "interclr-export", "interclr_export": "1", "arch": arch, "small_stem": str(bool(small_stem)).lower()}
+    meta = _export_meta(
+        out.name, arch, small_stem, num_classes, _preprocessing(image_size, small_stem, resize, mean, std), extra_meta
+    )
+    st_meta = {
+        "format": "interclr-export",
+        "interclr_export": "1",
+        "arch": arch,
+        "small_stem": str(bool(small_stem)).lower(),
+    }
     _atomic_write_bytes(out, safetensors_save(tensors, metadata=st_meta))
     json_path = out.with_suffix(".json")
     _atomic_write_bytes(json_path, (json.dumps(meta, indent=2, default=str) + "\n").encode("utf-8"))
@@ -381,7 +387,7 @@ def convert_moco_checkpoint(state: dict) -> tuple[dict[str, torch.Tensor], dict[
             state = state[wrapper]
             break
     tensors = {k: v for k, v in state.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
-    for prefix, head_prefix in _LAYOUTS:
+    for prefix, head_prefix in _LAYOUTS:  # noqa: B007 - both used after the loop
         if prefix + "conv1.weight" in tensors:
             break
     else:

@@ -28,8 +28,8 @@ import inspect
 import logging
 
 import torch
-import torch.nn as nn
 import torch.distributed as tdist
+import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 
@@ -39,6 +39,7 @@ log = logging.getLogger("interclr")
 
 
 # -- SyncBatchNorm ----------------------------------------------------------------------------------
+
 
 class DistBatchNorm(_BatchNorm):
     """SyncBatchNorm that runs on any device and backend (gloo on the CPU included).
@@ -115,6 +116,7 @@ def convert_sync_bn(method: nn.Module, *, sync_bn: bool, key_bn: str, device: to
 
 # -- gradient synchronisation -------------------------------------------------------------------------
 
+
 def _bn_buffers(module: nn.Module) -> list[torch.Tensor]:
     out = []
     for m in module.modules():
@@ -164,9 +166,11 @@ def check_replicas(method: nn.Module) -> list[str]:
     everyone = dist.all_gather_cat(local.unsqueeze(0))
     differ = (everyone != everyone[:1]).any(dim=(0, 2)).nonzero().flatten().tolist()
     if differ:
-        log.warning(f"the ranks start from different states ({len(differ)} tensors differ, e.g. {names[differ[0]]}): "
-                    "replicated state (queue, bank, labels) will not stay identical; the method must set it up "
-                    "identically on every rank (seeded, deterministic kernels)")
+        log.warning(
+            f"the ranks start from different states ({len(differ)} tensors differ, e.g. {names[differ[0]]}): "
+            "replicated state (queue, bank, labels) will not stay identical; the method must set it up "
+            "identically on every rank (seeded, deterministic kernels)"
+        )
     return [names[i] for i in differ]
 
 
@@ -184,8 +188,14 @@ class _StepModule(nn.Module):
 class DDPMethod:
     """DistributedDataParallel around ``method.training_step`` (see the module docstring)."""
 
-    def __init__(self, method: nn.Module, device: torch.device, *, find_unused_parameters: bool = False,
-                 bucket_cap_mb: float | None = None):
+    def __init__(
+        self,
+        method: nn.Module,
+        device: torch.device,
+        *,
+        find_unused_parameters: bool = False,
+        bucket_cap_mb: float | None = None,
+    ):
         self.method = method
         step = _StepModule(method)
         bn = {id(b) for b in _bn_buffers(method)}

@@ -24,7 +24,9 @@ def select_device(name: str) -> torch.device:
             raise UserError(f"device={name} but no CUDA GPU is visible; use device=auto or device=cpu")
         dev = torch.device(name)
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise UserError(f"device={name} but only {torch.cuda.device_count()} GPU(s) are visible; use cuda:0..{torch.cuda.device_count() - 1}")
+            raise UserError(
+                f"device={name} but only {torch.cuda.device_count()} GPU(s) are visible; use cuda:0..{torch.cuda.device_count() - 1}"
+            )
         return dev
     return torch.device("cpu")
 
@@ -49,6 +51,8 @@ def process_device(name: str) -> torch.device:
 
     device = select_device(name)
     if dist.is_dist() and device.type == "cuda" and device.index not in (None, torch.cuda.current_device()):
-        log.warning(f"device={name} ignored under a distributed launch: rank {dist.rank()} uses its own GPU (LOCAL_RANK)")
+        log.warning(
+            f"device={name} ignored under a distributed launch: rank {dist.rank()} uses its own GPU (LOCAL_RANK)"
+        )
         device = torch.device("cuda", torch.cuda.current_device())
     return device

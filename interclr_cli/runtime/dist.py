@@ -60,6 +60,7 @@ def is_main() -> bool:
 
 # -- without gradient ------------------------------------------------------------------------------
 
+
 @torch.no_grad()
 def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     """Concatenate ``t`` from every rank along dim 0 (rank order), without gradient.
@@ -146,11 +147,14 @@ def check_same(value: Any, what: str) -> None:
         from ..errors import UserError
 
         bad = next(i for i, v in enumerate(values) if v != values[0])
-        raise UserError(f"the ranks disagree on {what}: rank 0 has {values[0]!r}, rank {bad} has {values[bad]!r}; "
-                        "every rank must see the same files (use a shared file system for data and run folders)")
+        raise UserError(
+            f"the ranks disagree on {what}: rank 0 has {values[0]!r}, rank {bad} has {values[bad]!r}; "
+            "every rank must see the same files (use a shared file system for data and run folders)"
+        )
 
 
 # -- with gradient ---------------------------------------------------------------------------------
+
 
 class _AllReduceSumWithGrad(torch.autograd.Function):
     @staticmethod
@@ -174,6 +178,7 @@ def all_reduce_sum_with_grad(t: torch.Tensor) -> torch.Tensor:
 
 
 # -- rank 0 first / only ---------------------------------------------------------------------------
+
 
 def main_first(fn: Callable[[bool], T]) -> T:
     """``fn(True)`` on rank 0, then ``fn(False)`` on the other ranks once rank 0 is done (e.g.

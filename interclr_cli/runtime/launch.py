@@ -87,7 +87,8 @@ def detect(env: Optional[dict] = None) -> Optional[LaunchInfo]:
         rank = _int(env, "SLURM_PROCID")
         local = _int(env, "SLURM_LOCALID")
         addr = env.get("MASTER_ADDR") or first_host(
-            env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1")
+            env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1"
+        )
         port = _int(env, "MASTER_PORT") or 20000 + (_int(env, "SLURM_JOB_ID", "SLURM_JOBID") or 0) % 20000
         launcher = "slurm"
     else:
@@ -124,7 +125,9 @@ def init_distributed(cfg=None, *, env: Optional[dict] = None) -> bool:
     if info is None:
         return False
     if not tdist.is_available():
-        raise UserError("this PyTorch build has no torch.distributed; install a standard build to run on several processes")
+        raise UserError(
+            "this PyTorch build has no torch.distributed; install a standard build to run on several processes"
+        )
     device = getattr(cfg, "device", cfg) if cfg is not None else None
     backend = default_backend()
     if isinstance(device, str) and device == "cpu" and not os.environ.get("INTERCLR_DIST_BACKEND"):
@@ -137,12 +140,19 @@ def init_distributed(cfg=None, *, env: Optional[dict] = None) -> bool:
         torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
     minutes = float(os.environ.get("INTERCLR_DIST_TIMEOUT", "30") or 30)
     try:
-        tdist.init_process_group(backend=backend, init_method="env://", rank=info.rank, world_size=info.world_size,
-                                 timeout=timedelta(minutes=minutes))
+        tdist.init_process_group(
+            backend=backend,
+            init_method="env://",
+            rank=info.rank,
+            world_size=info.world_size,
+            timeout=timedelta(minutes=minutes),
+        )
     except (RuntimeError, ValueError) as e:
         reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        raise UserError(f"cannot join the process group ({info.launcher}: rank {info.rank} of {info.world_size}, "
-                        f"master {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}, backend {backend}): {reason}") from None
+        raise UserError(
+            f"cannot join the process group ({info.launcher}: rank {info.rank} of {info.world_size}, "
+            f"master {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}, backend {backend}): {reason}"
+        ) from None
     quiet_non_main(info.rank)
     return True
 

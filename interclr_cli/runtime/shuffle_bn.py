@@ -52,7 +52,7 @@ def shuffled_forward(encoder: torch.nn.Module, x: torch.Tensor, perm: torch.Tens
         perm = global_permutation(b * world, x.device)
     dest = assignment(perm, b, world)
     mine = dest[r * b : (r + 1) * b]
-    order = torch.argsort(mine, stable=True)           # my rows grouped by destination rank
+    order = torch.argsort(mine, stable=True)  # my rows grouped by destination rank
     send_counts = torch.bincount(mine, minlength=world)
     recv_counts = torch.stack([(dest[s * b : (s + 1) * b] == r).sum() for s in range(world)])
     send_split, recv_split = send_counts.tolist(), recv_counts.tolist()

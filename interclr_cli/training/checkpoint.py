@@ -82,6 +82,7 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
 
 # --- RNG states -------------------------------------------------------------------------------
 
+
 def capture_rng() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors = {"rng.torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -113,6 +114,7 @@ def restore_rng(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
 
 # --- optimizer --------------------------------------------------------------------------------
 
+
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     sd = optimizer.state_dict()
     tensors, scalars = {}, {}
@@ -139,11 +141,14 @@ def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Te
     groups = meta["param_groups"]
     current = optimizer.state_dict()["param_groups"]
     if [len(g["params"]) for g in groups] != [len(g["params"]) for g in current]:
-        raise UserError("checkpoint optimizer does not match this model (different parameter groups); resume with the run's own config")
+        raise UserError(
+            "checkpoint optimizer does not match this model (different parameter groups); resume with the run's own config"
+        )
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
 # --- training checkpoints -----------------------------------------------------------------------
+
 
 def save_training_checkpoint(
     path: Path,
@@ -191,7 +196,9 @@ class TrainingCheckpoint:
             raise UserError(f"{self.path} is {what}; --resume needs a checkpoint written by `interclr pretrain`")
         version = int(self.meta.get("format_version", "0"))
         if version > FORMAT_VERSION:
-            raise UserError(f"{self.path} has checkpoint format {version}, newer than this interclr ({FORMAT_VERSION}); upgrade interclr")
+            raise UserError(
+                f"{self.path} has checkpoint format {version}, newer than this interclr ({FORMAT_VERSION}); upgrade interclr"
+            )
         try:
             self.config = json.loads(self.meta["config"])
             self.epoch = int(self.meta["epoch"])

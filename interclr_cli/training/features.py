@@ -14,7 +14,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from ..data import ImageDataset, aug_seeds, build_eval_loader
+from ..data import ImageDataset, aug_seeds, build_eval_loader, eval_transform
 from ..data.loader import eval_shard
 from ..data.sources import FileIndex
 from ..runtime import dist
@@ -47,7 +47,12 @@ class _SeededItems(torch.utils.data.Dataset):
 
 def subset_index(index: FileIndex, positions: Sequence[int] | np.ndarray) -> FileIndex:
     pos = np.asarray(positions, dtype=np.int64)
-    return FileIndex(root=index.root, paths=[index.paths[i] for i in pos], labels=np.asarray(index.labels)[pos], classes=list(index.classes))
+    return FileIndex(
+        root=index.root,
+        paths=[index.paths[i] for i in pos],
+        labels=np.asarray(index.labels)[pos],
+        classes=list(index.classes),
+    )
 
 
 def same_files(index: FileIndex, what: str) -> FileIndex:
@@ -111,7 +116,9 @@ def extract(
     if world > 1:
         # each rank holds its contiguous shard: gathering the shards in rank order gives index
         # order (a rank without a single readable image learns the widths from the others)
-        widths = [w for w in dist.all_gather_object(None if outs is None else [o.shape[1] for o in outs]) if w is not None]
+        widths = [
+            w for w in dist.all_gather_object(None if outs is None else [o.shape[1] for o in outs]) if w is not None
+        ]
         if outs is None:
             outs = [torch.zeros(rows, w, device=device, dtype=torch.float32) for w in (widths[0] if widths else [])]
         outs = [dist.all_gather_cat(o)[:n] for o in outs]
@@ -119,3 +126,31 @@ def extract(
         outs = []
     labels = torch.as_tensor(np.asarray(index.labels), dtype=torch.long)
     return outs, labels
+
+
+def extract_with_config(
+    fns: Callable,
+    index: FileIndex,
+    cfg,
+    device: torch.device,
+    reporter,
+    description: str,
+    transform=None,
+    aug_seed: Optional[int] = None,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """:func:`extract` with the config's batch size (``eval.feature_batch_size``), workers,
+    precision and memory format, and its evaluation transform unless ``transform`` is given:
+    sharded across the ranks of a distributed run, every rank gets every row in order."""
+    return extract(
+        fns,
+        index,
+        transform if transform is not None else eval_transform(cfg.data),
+        device=device,
+        batch_size=cfg.eval.feature_batch_size,
+        num_workers=cfg.data.num_workers,
+        precision=cfg.train.precision,
+        channels_last=cfg.train.channels_last,
+        reporter=reporter,
+        description=description,
+        aug_seed=aug_seed,
+    )

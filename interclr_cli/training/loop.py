@@ -124,8 +124,19 @@ class TrainLoop:
     progress; every rank must call :meth:`run`.
     """
 
-    def __init__(self, cfg: Config, task: StepTask, optimizer: torch.optim.Optimizer, loader, sampler, *,
-                 device: torch.device, metrics: MetricsLog, reporter: Reporter, ckpt_dir: Optional[Path]):
+    def __init__(
+        self,
+        cfg: Config,
+        task: StepTask,
+        optimizer: torch.optim.Optimizer,
+        loader,
+        sampler,
+        *,
+        device: torch.device,
+        metrics: MetricsLog,
+        reporter: Reporter,
+        ckpt_dir: Optional[Path],
+    ):
         self.cfg, self.task, self.optimizer = cfg, task, optimizer
         self.loader, self.sampler = loader, sampler
         self.device, self.metrics, self.reporter, self.ckpt_dir = device, metrics, reporter, ckpt_dir
@@ -143,9 +154,18 @@ class TrainLoop:
         state = self.task.state()
         path = self.ckpt_dir / checkpoint_name(pos.epoch, pos.step)
         if dist.is_main():
-            save_training_checkpoint(path, model_state=state.model, extra_state=state.extra, optimizer=self.optimizer,
-                                     config=to_mapping(self.cfg), epoch=pos.epoch, step=pos.step,
-                                     step_in_epoch=pos.step_in_epoch, kind=state.kind, info=state.info)
+            save_training_checkpoint(
+                path,
+                model_state=state.model,
+                extra_state=state.extra,
+                optimizer=self.optimizer,
+                config=to_mapping(self.cfg),
+                epoch=pos.epoch,
+                step=pos.step,
+                step_in_epoch=pos.step_in_epoch,
+                kind=state.kind,
+                info=state.info,
+            )
             prune_checkpoints(self.ckpt_dir, self.cfg.train.keep_last)
         dist.barrier()
         self.last_ckpt = path
@@ -153,7 +173,9 @@ class TrainLoop:
 
     def _diverged(self, value: float, where: str) -> WorkError:
         kept = f"; the last good checkpoint is kept at {self.last_ckpt}" if self.last_ckpt else ""
-        return WorkError(f"{self.task.label} loss became {value} {where}{kept}; lower optim.lr or enable optim.grad_clip")
+        return WorkError(
+            f"{self.task.label} loss became {value} {where}{kept}; lower optim.lr or enable optim.grad_clip"
+        )
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self, pos: Position, last_checkpoint: Optional[Path] = None) -> LoopResult:
@@ -231,8 +253,17 @@ class TrainLoop:
             raise self._diverged(loss_v, f"at step {pos.step} (epoch {pos.epoch + 1})")
         seconds = max(time.perf_counter() - window.start, 1e-9)
         rate, wait = window.images / seconds, min(1.0, window.waited / seconds)
-        rec = {"type": "step", "epoch": pos.epoch + 1, "step": pos.step, "loss": loss_v, "lr": lr, "img_per_s": rate,
-               "data_wait": wait, **self.task.step_record(), **dict(zip(logs, values[1:]))}
+        rec = {
+            "type": "step",
+            "epoch": pos.epoch + 1,
+            "step": pos.step,
+            "loss": loss_v,
+            "lr": lr,
+            "img_per_s": rate,
+            "data_wait": wait,
+            **self.task.step_record(),
+            **dict(zip(logs, values[1:])),
+        }
         self.metrics.write(rec)
         self.reporter.update(bar, info=f"loss {loss_v:.4f} lr {lr:.4g} {rate:.1f} img/s wait {wait:.0%}")
 
@@ -242,15 +273,25 @@ class TrainLoop:
         loss, images, skipped = meter.totals()
         if not math.isfinite(loss):
             raise self._diverged(loss, f"in epoch {pos.epoch + 1}")
-        rec = {"type": "epoch", "epoch": pos.epoch + 1, "step": pos.step, "loss": loss,
-               "lr": self.optimizer.param_groups[0]["lr"], "img_per_s": images / seconds, "seconds": seconds,
-               "data_wait": min(1.0, meter.waited / seconds), "skipped": skipped}
+        rec = {
+            "type": "epoch",
+            "epoch": pos.epoch + 1,
+            "step": pos.step,
+            "loss": loss,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "img_per_s": images / seconds,
+            "seconds": seconds,
+            "data_wait": min(1.0, meter.waited / seconds),
+            "skipped": skipped,
+        }
         extra, text = self.task.end_epoch(dict(rec), last)
         rec.update(extra)
         self.metrics.write(rec)
-        self.reporter.print(f"{self.task.epoch_name} {pos.epoch + 1}/{self.cfg.train.epochs}  step {pos.step}  loss {loss:.4f}  "
-                            f"{rec['img_per_s']:.1f} img/s  {seconds:.1f}s  data wait {rec['data_wait']:.0%}  skipped {skipped}"
-                            + (f"  {text}" if text else ""))
+        self.reporter.print(
+            f"{self.task.epoch_name} {pos.epoch + 1}/{self.cfg.train.epochs}  step {pos.step}  loss {loss:.4f}  "
+            f"{rec['img_per_s']:.1f} img/s  {seconds:.1f}s  data wait {rec['data_wait']:.0%}  skipped {skipped}"
+            + (f"  {text}" if text else "")
+        )
         return skipped
 
 
@@ -290,6 +331,8 @@ class _Meter:
 
     def totals(self) -> tuple[float, int, int]:
         """(mean loss per image, images, skipped) over every rank: one all-reduce."""
-        t = torch.stack([self.loss_sum, self.loss_sum.new_tensor(float(self.images)), self.loss_sum.new_tensor(float(self.skipped))])
+        t = torch.stack(
+            [self.loss_sum, self.loss_sum.new_tensor(float(self.images)), self.loss_sum.new_tensor(float(self.skipped))]
+        )
         total, images, skipped = dist.all_reduce_sum(t).tolist()
         return total / max(images, 1), int(images), int(skipped)

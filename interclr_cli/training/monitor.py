@@ -14,11 +14,11 @@ import numpy as np
 import torch
 
 from ..config.schema import Config
-from ..data import eval_transform, index_source
+from ..data import index_source
 from ..data.sources import FileIndex
 from ..eval.knn import knn_top1
 from ..eval.rankme import rankme
-from .features import extract, subset_index
+from .features import extract_with_config, subset_index
 
 log = logging.getLogger("interclr")
 
@@ -35,7 +35,9 @@ def holdout_root(train_root: Path) -> Path | None:
 
 
 class Monitor:
-    def __init__(self, cfg: Config, train_index: FileIndex, train_root: Path | None, device: torch.device, cache_dir: Path | None):
+    def __init__(
+        self, cfg: Config, train_index: FileIndex, train_root: Path | None, device: torch.device, cache_dir: Path | None
+    ):
         self.cfg, self.device = cfg, device
         m = cfg.monitor
         rng = np.random.default_rng(cfg.seed + 12345)
@@ -50,10 +52,14 @@ class Monitor:
             if split == "auto":
                 split = "holdout" if val_root is not None else "train"
             if split == "holdout" and val_root is None:
-                log.warning("monitor.knn_split=holdout but no val/ or test/ folder beside the training data; using a split of the training set")
+                log.warning(
+                    "monitor.knn_split=holdout but no val/ or test/ folder beside the training data; using a split of the training set"
+                )
                 split = "train"
             if split == "holdout":
-                val = index_source(str(val_root), "imagefolder", cache_path=cache_dir / "file_index_knn_val.txt" if cache_dir else None)
+                val = index_source(
+                    str(val_root), "imagefolder", cache_path=cache_dir / "file_index_knn_val.txt" if cache_dir else None
+                )
                 vperm = rng.permutation(len(val))
                 val = subset_index(val, np.sort(vperm[: min(len(val), m.knn_max_val)]))
                 bank = subset_index(train_index, np.sort(perm[: min(n, m.knn_max_train)]))
@@ -65,13 +71,9 @@ class Monitor:
                 val = subset_index(train_index, np.sort(perm[:nval]))
                 bank = subset_index(train_index, np.sort(perm[nval : nval + m.knn_max_train]))
             self.knn = (bank, val, split)
-        self.transform = eval_transform(cfg.data)
 
     def _extract(self, fns, index, reporter, desc):
-        c = self.cfg
-        return extract(fns, index, self.transform, device=self.device, batch_size=c.eval.feature_batch_size,
-                       num_workers=c.data.num_workers, precision=c.train.precision, channels_last=c.train.channels_last,
-                       reporter=reporter, description=desc)
+        return extract_with_config(fns, index, self.cfg, self.device, reporter, desc)
 
     @torch.no_grad()
     def run(self, method, reporter=None) -> dict[str, float]:
@@ -81,6 +83,7 @@ class Monitor:
         try:
             m = self.cfg.monitor
             backbone, head = method.backbone(), method.encoder_q.head
+
             def both(x):
                 f = backbone(x)
                 return f, head(f)

@@ -35,7 +35,9 @@ class LARS(torch.optim.Optimizer):
                     if g["weight_decay"]:
                         d = d.add(p, alpha=g["weight_decay"])
                     w_norm, d_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(d)
-                    trust = torch.where((w_norm > 0) & (d_norm > 0), g["eta"] * w_norm / d_norm, torch.ones_like(w_norm))
+                    trust = torch.where(
+                        (w_norm > 0) & (d_norm > 0), g["eta"] * w_norm / d_norm, torch.ones_like(w_norm)
+                    )
                     d = d.mul(trust)
                 st = self.state[p]
                 buf = st.get("momentum_buffer")
@@ -73,8 +75,11 @@ def global_lr(cfg: OptimConfig, batch_size: int, world: int) -> tuple[int, float
     batch = batch_size * world
     lr = scaled_lr(cfg, batch)
     if world > 1 or cfg.reference_batch > 0:
-        rule = (f" = {cfg.lr:g} x {batch}/{cfg.reference_batch} (linear scaling rule)" if cfg.reference_batch > 0
-                else " (optim.reference_batch=0: not scaled)")
+        rule = (
+            f" = {cfg.lr:g} x {batch}/{cfg.reference_batch} (linear scaling rule)"
+            if cfg.reference_batch > 0
+            else " (optim.reference_batch=0: not scaled)"
+        )
         log.info(f"global batch {batch} ({world} x {batch_size}); lr {lr:.4g}{rule}")
     return batch, lr
 

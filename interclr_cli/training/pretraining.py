@@ -24,8 +24,16 @@ import torch
 
 from ..config.loader import to_yaml
 from ..config.schema import Config
-from ..data import (DeviceAugment, EpochBatchSampler, ImageDataset, InMemoryImages, crop_flip_transform, eval_transform, index_source,
-                    loader_from_config, moco_v2_transform)
+from ..data import (
+    DeviceAugment,
+    EpochBatchSampler,
+    ImageDataset,
+    InMemoryImages,
+    crop_flip_transform,
+    index_source,
+    loader_from_config,
+    moco_v2_transform,
+)
 from ..data.sources import FileIndex
 from ..errors import UserError
 from ..methods import Method, TrainContext, build_method
@@ -34,7 +42,7 @@ from ..runtime.device import autocast, memory_format, process_device
 from ..runtime.progress import Reporter
 from ..runtime.seed import seed_everything
 from .checkpoint import TrainingCheckpoint, list_checkpoints
-from .features import extract, same_files
+from .features import extract_with_config, same_files
 from .loop import Position, StepTask, TaskState, TrainLoop
 from .monitor import Monitor
 from .optim import build_optimizer, global_lr
@@ -47,7 +55,9 @@ log = logging.getLogger("interclr")
 def resolve_train_root(root: str) -> tuple[str, Optional[Path]]:
     """``builtin:NAME`` trains on the built-in set's ``train`` split. Returns (root, folder)."""
     if not root:
-        raise UserError("data.root is not set; pass data.root=/path/to/images (a folder, a file list or builtin:cifar10-mini)")
+        raise UserError(
+            "data.root is not set; pass data.root=/path/to/images (a folder, a file list or builtin:cifar10-mini)"
+        )
     if root.startswith("builtin:"):
         from ..data.builtin import resolve_builtin
 
@@ -105,8 +115,14 @@ def build_pipeline(cfg: Config, index: FileIndex, device: torch.device) -> Pipel
     on_device = cfg.data.augment_on == "device"
     transform = crop_flip_transform(cfg.data) if on_device else moco_v2_transform(cfg.data)
     dataset = ImageDataset(index, transform, views=2, substitute=world > 1)
-    sampler = EpochBatchSampler(len(index), cfg.train.batch_size, replacement=cfg.data.replacement, seed=cfg.seed,
-                                rank=dist.rank(), world_size=world)
+    sampler = EpochBatchSampler(
+        len(index),
+        cfg.train.batch_size,
+        replacement=cfg.data.replacement,
+        seed=cfg.seed,
+        rank=dist.rank(),
+        world_size=world,
+    )
     augment = DeviceAugment(cfg.data, device, cfg.seed) if on_device else None
     if cfg.data.in_memory:  # decoded once; each step gathers its images on the device (no DataLoader)
         store = InMemoryImages(dataset, device)
@@ -121,8 +137,18 @@ class PretrainTask(StepTask):
     epoch_name = "epoch"
     label = "pretrain"
 
-    def __init__(self, cfg: Config, method: Method, ddp, pipeline: Pipeline, device: torch.device, ctx: TrainContext,
-                 monitor: Optional[Monitor], reporter: Reporter, metrics: MetricsLog):
+    def __init__(
+        self,
+        cfg: Config,
+        method: Method,
+        ddp,
+        pipeline: Pipeline,
+        device: torch.device,
+        ctx: TrainContext,
+        monitor: Optional[Monitor],
+        reporter: Reporter,
+        metrics: MetricsLog,
+    ):
         self.cfg, self.method, self.ddp, self.pipeline, self.device = cfg, method, ddp, pipeline, device
         self.ctx, self.monitor, self.reporter, self.metrics = ctx, monitor, reporter, metrics
         self.fmt = memory_format(cfg.train.channels_last)
@@ -147,11 +173,15 @@ class PretrainTask(StepTask):
         self.method.on_epoch_start(epoch, self.ctx)
 
     def _views(self, batch: dict, pos: Position) -> dict:
-        batch = {k: (v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+        batch = {
+            k: (v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()
+        }
         augment, rank = self.pipeline.augment, dist.rank()
         for v, key in enumerate(("view1", "view2")):
             if self.pipeline.store is not None:
-                batch[key] = augment.from_images(batch["images"], epoch=pos.epoch, step_in_epoch=pos.step_in_epoch, rank=rank, view=v)
+                batch[key] = augment.from_images(
+                    batch["images"], epoch=pos.epoch, step_in_epoch=pos.step_in_epoch, rank=rank, view=v
+                )
             elif augment is not None:
                 batch[key] = augment(batch[key], epoch=pos.epoch, step_in_epoch=pos.step_in_epoch, rank=rank, view=v)
             batch[key] = batch[key].to(memory_format=self.fmt)
@@ -182,8 +212,12 @@ class PretrainTask(StepTask):
 
     def state(self) -> TaskState:
         self._sync_buffers()
-        return TaskState(model=self.method.state_dict(), extra=self.method.extra_state(), kind="pretrain",
-                         info={"metrics": self.last_metrics})
+        return TaskState(
+            model=self.method.state_dict(),
+            extra=self.method.extra_state(),
+            kind="pretrain",
+            info={"metrics": self.last_metrics},
+        )
 
 
 def format_metrics(metrics: dict) -> str:
@@ -209,8 +243,9 @@ class _RunFolder:
                 self.tmp_cache = Path(tempfile.mkdtemp(prefix="interclr-index-")) / "file_index.txt"
             index = index_source(root, cfg.data.source, cache_path=self.tmp_cache)
         else:  # rank 0 scans and writes the cache; the others read it (and never write)
-            index = dist.main_first(lambda main: index_source(root, cfg.data.source,
-                                                              cache_path=cache if main or cache.is_file() else None))
+            index = dist.main_first(
+                lambda main: index_source(root, cfg.data.source, cache_path=cache if main or cache.is_file() else None)
+            )
         return same_files(index, "the training file list"), folder
 
     def create(self) -> None:
@@ -237,24 +272,35 @@ def _build_method(cfg: Config, n: int, device: torch.device) -> Method:
     return method
 
 
-def _context(cfg: Config, index: FileIndex, steps_per_epoch: int, resumed: bool, device, ddp, reporter: Reporter) -> TrainContext:
+def _context(
+    cfg: Config, index: FileIndex, steps_per_epoch: int, resumed: bool, device, ddp, reporter: Reporter
+) -> TrainContext:
     """What the method may use outside its step: feature extraction over the training set."""
-    transform = eval_transform(cfg.data)
 
     def run_extract(fn):
         if ddp is not None:
             ddp.sync_buffers()  # eval-mode BN statistics: the same on every rank
-        (feats,), _ = extract(fn, index, transform, device=device, batch_size=cfg.eval.feature_batch_size,
-                              num_workers=cfg.data.num_workers, precision=cfg.train.precision,
-                              channels_last=cfg.train.channels_last, reporter=reporter, description="extracting features")
+        (feats,), _ = extract_with_config(fn, index, cfg, device, reporter, "extracting features")
         return feats
 
-    return TrainContext(device=device, num_samples=len(index), steps_per_epoch=steps_per_epoch, resumed=resumed,
-                        extract=run_extract, log=reporter.print)
+    return TrainContext(
+        device=device,
+        num_samples=len(index),
+        steps_per_epoch=steps_per_epoch,
+        resumed=resumed,
+        extract=run_extract,
+        log=reporter.print,
+    )
 
 
-def pretrain(cfg: Config, run_dir: Path, *, resume: Optional[TrainingCheckpoint] = None, show_progress: bool = True,
-             prepare: Optional[Callable[[], None]] = None) -> PretrainResult:
+def pretrain(
+    cfg: Config,
+    run_dir: Path,
+    *,
+    resume: Optional[TrainingCheckpoint] = None,
+    show_progress: bool = True,
+    prepare: Optional[Callable[[], None]] = None,
+) -> PretrainResult:
     """Pretrain ``cfg.method`` on ``cfg.data.root`` into ``run_dir`` (continuing ``resume``).
 
     ``prepare`` creates the run folder of a new run; it is called once the config, the device and
@@ -267,7 +313,9 @@ def pretrain(cfg: Config, run_dir: Path, *, resume: Optional[TrainingCheckpoint]
     index, folder = folder_.index(cfg)
     world = dist.world_size()
     if len(index) < cfg.train.batch_size * world:
-        raise UserError(f"the data set has {len(index)} images, fewer than one global batch ({cfg.train.batch_size * world}); lower train.batch_size")
+        raise UserError(
+            f"the data set has {len(index)} images, fewer than one global batch ({cfg.train.batch_size * world}); lower train.batch_size"
+        )
     pipeline = build_pipeline(cfg, index, device)
     method = _build_method(cfg, len(index), device)
     _, base_lr = global_lr(cfg.optim, cfg.train.batch_size, world)
@@ -294,10 +342,21 @@ def pretrain(cfg: Config, run_dir: Path, *, resume: Optional[TrainingCheckpoint]
     if resume is None and dist.is_main():
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
     task = PretrainTask(cfg, method, ddp, pipeline, device, ctx, monitor, reporter, metrics)
-    loop = TrainLoop(cfg, task, optimizer, pipeline.loader, pipeline.sampler, device=device, metrics=metrics,
-                     reporter=reporter, ckpt_dir=run_dir / "checkpoints")
+    loop = TrainLoop(
+        cfg,
+        task,
+        optimizer,
+        pipeline.loader,
+        pipeline.sampler,
+        device=device,
+        metrics=metrics,
+        reporter=reporter,
+        ckpt_dir=run_dir / "checkpoints",
+    )
     last = list_checkpoints(run_dir / "checkpoints")[-1:] if resume is not None else []
     with file_log(run_dir / "train.log"), reporter:
         task.start()
         res = loop.run(pos, last[0] if last else None)
-    return PretrainResult(run_dir, res.checkpoint, res.position.epoch, res.position.step, task.last_metrics, res.skipped)
+    return PretrainResult(
+        run_dir, res.checkpoint, res.position.epoch, res.position.step, task.last_metrics, res.skipped
+    )

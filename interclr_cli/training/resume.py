@@ -49,7 +49,9 @@ def resolve_resume(resume: str, out: Optional[str]) -> tuple[Path, Path]:
     """(run folder, checkpoint file) for ``--resume`` (latest in --out) or ``--resume PATH``."""
     if resume == LATEST:
         if not out:
-            raise UserError("--resume without a path needs --out RUN_FOLDER (or give --resume PATH to a run folder or checkpoint)")
+            raise UserError(
+                "--resume without a path needs --out RUN_FOLDER (or give --resume PATH to a run folder or checkpoint)"
+            )
         run_dir = Path(out)
         return run_dir, latest_checkpoint(run_dir)
     p = Path(resume)
@@ -61,7 +63,9 @@ def resolve_resume(resume: str, out: Optional[str]) -> tuple[Path, Path]:
     return run_dir, p
 
 
-def open_resume(resume: str, out: Optional[str], overrides: list[str], *, kind: str, force: bool) -> tuple[Path, TrainingCheckpoint, Config]:
+def open_resume(
+    resume: str, out: Optional[str], overrides: list[str], *, kind: str, force: bool
+) -> tuple[Path, TrainingCheckpoint, Config]:
     """The run folder, its checkpoint (validated, the same on every rank, of ``kind``) and the
     config to continue with: the run's ``config.yaml`` (else the checkpoint's) plus ``overrides``.
     Keys that change tensor shapes must agree with the checkpoint."""
@@ -71,7 +75,9 @@ def open_resume(resume: str, out: Optional[str], overrides: list[str], *, kind: 
     ck = TrainingCheckpoint(path)
     dist.check_same((ck.path.name, ck.step), "the checkpoint to resume from")
     if ck.kind != kind:
-        raise UserError(f"{ck.path} is a {ck.kind} checkpoint; --resume continues a {kind} run (give its folder or one of its checkpoints)")
+        raise UserError(
+            f"{ck.path} is a {ck.kind} checkpoint; --resume continues a {kind} run (give its folder or one of its checkpoints)"
+        )
     base = load_run_config(run_dir) if (run_dir / "config.yaml").is_file() else ck.config
     cfg = config_from_mapping(apply_overrides(base, overrides))
     validate(cfg)
@@ -88,8 +94,10 @@ def load_model_state(module: torch.nn.Module, state: dict[str, torch.Tensor], ck
     shape = [k for k in want if k in state and tuple(state[k].shape) != tuple(want[k].shape)]
     if missing or unexpected or shape:
         example = (shape or missing or unexpected)[0]
-        raise UserError(f"checkpoint {ck.path.name} does not match the model ({len(missing)} missing, {len(unexpected)} unexpected, "
-                        f"{len(shape)} differently shaped tensors, e.g. {example}); resume with the run's own data and config")
+        raise UserError(
+            f"checkpoint {ck.path.name} does not match the model ({len(missing)} missing, {len(unexpected)} unexpected, "
+            f"{len(shape)} differently shaped tensors, e.g. {example}); resume with the run's own data and config"
+        )
     module.load_state_dict(state)
 
 

@@ -28,9 +28,13 @@ def check_run_dir(path: Path, *, force: bool) -> None:
         raise UserError(f"--out {path} is a file; choose a folder path")
     if path.is_dir() and any(path.iterdir()):
         if not force:
-            raise UserError(f"run folder {path} already exists and is not empty; pass --resume to continue it, --force to overwrite it, or choose another --out")
+            raise UserError(
+                f"run folder {path} already exists and is not empty; pass --resume to continue it, --force to overwrite it, or choose another --out"
+            )
         if not (path / RUN_MARKER).is_file():
-            raise UserError(f"{path} is not empty and is not an interclr run folder; refusing to overwrite it even with --force; choose another --out")
+            raise UserError(
+                f"{path} is not empty and is not an interclr run folder; refusing to overwrite it even with --force; choose another --out"
+            )
 
 
 def prepare_run_dir(path: Path, *, resume: bool, force: bool) -> Path:
@@ -40,20 +44,15 @@ def prepare_run_dir(path: Path, *, resume: bool, force: bool) -> Path:
     non-empty folder is refused even then, so a mistyped ``--out`` cannot delete user files.
     """
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise UserError(f"--out {path} is a file; choose a folder path")
-    non_empty = path.is_dir() and any(path.iterdir())
     if resume:
+        if path.exists() and not path.is_dir():
+            raise UserError(f"--out {path} is a file; choose a folder path")
         if not (path / RUN_MARKER).is_file():
             raise UserError(f"cannot resume: {path} is not an interclr run folder (no {RUN_MARKER}); check --out")
         return path
-    if non_empty:
-        if not force:
-            raise UserError(f"run folder {path} already exists and is not empty; pass --resume to continue it, --force to overwrite it, or choose another --out")
-        if not (path / RUN_MARKER).is_file():
-            raise UserError(f"{path} is not empty and is not an interclr run folder; refusing to overwrite it even with --force; choose another --out")
-        if dist.is_main():
-            shutil.rmtree(path)
+    check_run_dir(path, force=force)
+    if path.is_dir() and any(path.iterdir()) and dist.is_main():  # an interclr run, and --force
+        shutil.rmtree(path)
     dist.barrier()
     if dist.is_main():
         path.mkdir(parents=True, exist_ok=True)
