@@ -24,6 +24,8 @@ Examples:
   interclr pretrain --resume runs/in1k/checkpoints/ckpt-e0010-s00050040.safetensors
 
   interclr pretrain --preset quickstart train.max_steps=20 --json | jq .checkpoint
+
+Overrides are checked against the schema; `interclr presets keys` lists every key and its allowed values.
 """
 
 
