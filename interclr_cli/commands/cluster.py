@@ -38,7 +38,7 @@ from ..runtime.device import process_device
 from ..runtime.progress import Reporter
 from ..training.checkpoint import atomic_save
 from ..training.features import extract_with_config
-from ..training.rundir import MetricsLog, attach_file_log, detach_log
+from ..training.rundir import MetricsLog, file_log
 from .common import close_run, open_run, prepare_backbone, refuse_early, resolve_config, single_folder, with_head
 from .contact_sheet import contact_sheet
 from .loading import CheckpointInfo, load_backbone
@@ -135,8 +135,7 @@ def run_cluster(
         force,
         {"source": info.source, "arch": info.description, "k": k, "features": features, "pca": pca, "iters": iters},
     )
-    handler = attach_file_log(run_dir / "train.log")
-    try:
+    with file_log(run_dir / "train.log"):
         with Reporter(enabled=show_progress) as reporter:
             (x,), _ = extract_with_config(fn, index, cfg, device, reporter, f"{features} features")
             if not dist.is_main():  # rank 0 clusters alone: free this rank's copy while it waits
@@ -160,8 +159,6 @@ def run_cluster(
                     sheet_images=sheet_images,
                 )
             )
-    finally:
-        detach_log(handler)
     close_run(run_dir, result)
     return result
 

@@ -30,7 +30,7 @@ import torch.nn as nn
 
 from ..errors import UserError
 from ..models import BACKBONES, FEATURE_DIMS, MoCoV2Head, build_backbone
-from ..training.checkpoint import EXPORT_FORMAT, FORMAT, atomic_save, read_safetensors
+from ..training.checkpoint import EXPORT_FORMAT, FORMAT, atomic_save, read_safetensors, state_mismatch
 
 log = logging.getLogger("interclr")
 
@@ -96,18 +96,8 @@ def _sniff_pickle(path: Path) -> bool:
 
 def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], what: str, path: Path) -> None:
     """``load_state_dict(strict=True)`` with a one-line error naming the first mismatch."""
-    want = module.state_dict()
-    missing = [k for k in want if k not in state]
-    extra = [k for k in state if k not in want]
-    shape = [k for k in want if k in state and tuple(state[k].shape) != tuple(want[k].shape)]
-    if missing or extra or shape:
-        if shape:
-            k = shape[0]
-            detail = f"{k} has shape {tuple(state[k].shape)}, expected {tuple(want[k].shape)}"
-        elif missing:
-            detail = f"{len(missing)} tensors missing, e.g. {missing[0]}"
-        else:
-            detail = f"{len(extra)} unexpected tensors, e.g. {extra[0]}"
+    detail = state_mismatch(module, state)
+    if detail:
         raise UserError(
             f"{path} does not hold a {what} ({detail}); the file is damaged or was written for another architecture"
         )

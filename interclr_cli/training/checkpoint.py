@@ -270,3 +270,20 @@ def check_compatible(saved: dict, current: dict, path: Path) -> None:
                 f"checkpoint {path.name} was trained with {key}={a!r} but the config says {key}={b!r}; "
                 "resume with the run's own config or start a new run"
             )
+
+
+def state_mismatch(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> str | None:
+    """Why ``module.load_state_dict(state, strict=True)`` would fail, naming the first differently
+    shaped, missing or unexpected tensor; None when every tensor is present with its shape."""
+    want = module.state_dict()
+    shape = [k for k in want if k in state and tuple(state[k].shape) != tuple(want[k].shape)]
+    if shape:
+        k = shape[0]
+        return f"{k} has shape {tuple(state[k].shape)}, expected {tuple(want[k].shape)}"
+    missing = [k for k in want if k not in state]
+    if missing:
+        return f"{len(missing)} tensors missing, e.g. {missing[0]}"
+    extra = [k for k in state if k not in want]
+    if extra:
+        return f"{len(extra)} unexpected tensors, e.g. {extra[0]}"
+    return None

@@ -19,7 +19,14 @@ from ..config.loader import apply_overrides, config_from_mapping, to_mapping, va
 from ..config.schema import Config
 from ..errors import UserError
 from ..runtime import dist
-from .checkpoint import TrainingCheckpoint, check_compatible, list_checkpoints, load_optimizer, restore_rng
+from .checkpoint import (
+    TrainingCheckpoint,
+    check_compatible,
+    list_checkpoints,
+    load_optimizer,
+    restore_rng,
+    state_mismatch,
+)
 from .loop import Position
 
 log = logging.getLogger("interclr")
@@ -88,15 +95,10 @@ def open_resume(
 def load_model_state(module: torch.nn.Module, state: dict[str, torch.Tensor], ck: TrainingCheckpoint) -> None:
     """``module.load_state_dict(state)`` with every tensor present and of the right shape, else a
     one-line UserError naming the first mismatch."""
-    want = module.state_dict()
-    missing = [k for k in want if k not in state]
-    unexpected = [k for k in state if k not in want]
-    shape = [k for k in want if k in state and tuple(state[k].shape) != tuple(want[k].shape)]
-    if missing or unexpected or shape:
-        example = (shape or missing or unexpected)[0]
+    detail = state_mismatch(module, state)
+    if detail:
         raise UserError(
-            f"checkpoint {ck.path.name} does not match the model ({len(missing)} missing, {len(unexpected)} unexpected, "
-            f"{len(shape)} differently shaped tensors, e.g. {example}); resume with the run's own data and config"
+            f"checkpoint {ck.path.name} does not match the model ({detail}); resume with the run's own data and config"
         )
     module.load_state_dict(state)
 

@@ -84,27 +84,18 @@ class MetricsLog:
             f.write(json.dumps(_clean(record)) + "\n")
 
 
-def attach_file_log(path: Path) -> logging.Handler | None:
-    """Mirror the ``interclr`` logger into the run's log file (rank 0 only)."""
-    if not dist.is_main():
-        return None
-    h = logging.FileHandler(path)
-    h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger("interclr").addHandler(h)
-    return h
-
-
-def detach_log(h: logging.Handler | None) -> None:
-    if h is not None:
-        logging.getLogger("interclr").removeHandler(h)
-        h.close()
-
-
 @contextlib.contextmanager
 def file_log(path: Path):
     """Mirror the ``interclr`` logger into ``path`` for the duration (rank 0 only)."""
-    handler = attach_file_log(path)
+    if not dist.is_main():
+        yield
+        return
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger("interclr")
+    logger.addHandler(handler)
     try:
         yield
     finally:
-        detach_log(handler)
+        logger.removeHandler(handler)
+        handler.close()
