@@ -1,0 +1,98 @@
+"""Device colour jitter (interclr_cli/data/device_aug.py): the old masked algorithm against today's.
+
+The old ``DeviceAugment.apply`` evaluated all four colour ops on the whole batch in each of the
+four order slots and kept, per image, the one whose turn it was (16 ops' work for 4); today's
+:func:`color_jitter` runs each op once per image. Both run on the same batch and parameters,
+interleaved; the script prints, per view, the aten op count and the bytes of every op's outputs
+(a ``TorchDispatchMode`` counter), the median CPU time, their ratios and the largest difference
+of the two results, as one JSON object.
+
+    python benchmarks/bench_device_aug.py                  # B=256, 224 px
+    python benchmarks/bench_device_aug.py --batch 64 --size 96 --reps 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from interclr_cli.config.schema import DataConfig
+from interclr_cli.data import device_aug as D
+
+
+def old_apply(aug: D.DeviceAugment, x: torch.Tensor, prm: dict) -> torch.Tensor:
+    """The algorithm before issue 12 (kept here only, for comparison): every op in every slot, masked."""
+    c = aug.cfg
+    if c.color_jitter_p > 0:
+        y = x
+        for slot in range(4):
+            op_here = prm["order"][:, slot].view(-1, 1, 1, 1)
+            y = sum(torch.where(op_here == k, op(y, prm["factors"][:, k]), 0.0) for k, op in enumerate(D._OPS))
+        x = torch.where(prm["jitter_on"], y, x)
+    if c.grayscale_p > 0:
+        x = torch.where(prm["gray_on"], D.grayscale(x).expand_as(x), x)
+    if c.blur_p > 0:
+        x = torch.where(prm["blur_on"], D.gaussian_blur(x, prm["sigma"], aug.kernel), x)
+    return x
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts aten ops and the bytes of their tensor outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.bytes = 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops += 1
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.bytes += t.numel() * t.element_size()
+        return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    aug = D.DeviceAugment(DataConfig(image_size=a.size), torch.device("cpu"), seed=0)
+    x = torch.rand(a.batch, 3, a.size, a.size, generator=torch.Generator().manual_seed(0))
+    aug.gen.manual_seed(1)
+    prm = aug.draw(a.batch)
+    algos = {"old": lambda: old_apply(aug, x, prm), "new": lambda: aug.apply(x, prm)}
+    res: dict = {"batch": a.batch, "size": a.size, "threads": torch.get_num_threads()}
+    outs = {}
+    for name, fn in algos.items():
+        with torch.no_grad(), OpCounter() as cnt:
+            outs[name] = fn()
+        res[f"{name}_aten_ops"], res[f"{name}_gb"] = cnt.ops, round(cnt.bytes / 1e9, 2)
+    res["max_abs_diff"] = float((outs["old"] - outs["new"]).abs().max())
+    del outs
+    times: dict = {k: [] for k in algos}
+    with torch.no_grad():
+        for _ in range(a.reps):  # interleaved: both see the same machine load
+            for name, fn in algos.items():
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    for name in algos:
+        res[f"{name}_s"] = round(statistics.median(times[name]), 3)
+    res["speedup"] = round(res["old_s"] / res["new_s"], 2)
+    res["ops_ratio"] = round(res["old_aten_ops"] / res["new_aten_ops"], 2)
+    res["bytes_ratio"] = round(res["old_gb"] / res["new_gb"], 2)
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()
