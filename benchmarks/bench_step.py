@@ -8,6 +8,12 @@ same random batch, and their ratio.
     python benchmarks/bench_step.py --preset r50-imagenet --vs mocov2 --batch 32 --size 224 \
         --num-samples 1281167                                         # InterCLR step vs MoCo v2 step
 
+    python benchmarks/bench_step.py --precisions --batch 128          # fp32, channels_last, bf16, both
+
+``--precisions`` (issue 17): the same step in the four settings ``train.precision`` x
+``train.channels_last`` can pick, each on its own copy of the method (same seed), with the
+processor's capability line and what ``auto`` resolves to on it.
+
 Repetitions are interleaved (A, B, A, B, ...) and the median of each is reported.
 """
 
@@ -24,19 +30,27 @@ from _helpers import random_init_state
 
 from interclr_cli.config import load_config
 from interclr_cli.methods import build_method
+from interclr_cli.runtime.device import autocast, memory_format
+from interclr_cli.runtime.precision import cpu_caps, resolve_channels_last, resolve_precision
 from interclr_cli.training.optim import build_optimizer
 
 
-def make_step(cfg, num_samples: int, batch: dict):
+def make_step(cfg, num_samples: int, batch: dict, *, precision: str = "none", channels_last: bool = False):
+    torch.manual_seed(0)
     method = build_method(cfg, num_samples)
     method.train()
+    fmt = memory_format(channels_last)
+    if channels_last:
+        method = method.to(memory_format=fmt)
+        batch = {k: (v.to(memory_format=fmt) if v.dim() == 4 else v) for k, v in batch.items()}
     if cfg.method.name == "interclr":
         random_init_state(method)  # bank/labels without the k-means initialisation pass
     opt = build_optimizer(cfg.optim, [{"params": method.trainable_parameters()}], cfg.optim.lr)
     state = {"step": 0}
 
     def step():
-        loss, logs = method.training_step(batch, state["step"], 0)
+        with autocast(torch.device("cpu"), precision):
+            loss, logs = method.training_step(batch, state["step"], 0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -84,6 +98,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--precisions", action="store_true", help="fp32 / channels_last / bf16 / both, side by side")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args()
     if a.threads:
@@ -98,6 +113,8 @@ def main() -> None:
         "index": torch.randint(0, a.num_samples, (a.batch,)),
         "label": torch.full((a.batch,), -1),
     }
+    if a.precisions:
+        return precision_matrix(cfg, a, batch, size)
     fns = {cfg.method.name: make_step(cfg, a.num_samples, batch)}
     if a.vs == "backbone":
         fns["backbone fwd+bwd"] = make_backbone_step(cfg, batch)
@@ -127,6 +144,32 @@ def main() -> None:
         ),
         file=sys.stderr,
     )
+
+
+SETTINGS = {  # name -> (train.precision, channels_last)
+    "fp32": ("none", False),
+    "channels_last": ("none", True),
+    "bf16": ("bf16", False),
+    "bf16+channels_last": ("bf16", True),
+}
+
+
+def precision_matrix(cfg, a, batch: dict, size: int) -> None:
+    """img/s of the step in each of :data:`SETTINGS`, interleaved, with the capability line."""
+    caps = cpu_caps()
+    auto = (resolve_precision("auto", "cpu", caps)[0], resolve_channels_last("auto", "cpu", caps)[0])
+    fns = {
+        name: make_step(cfg, a.num_samples, batch, precision=p, channels_last=cl) for name, (p, cl) in SETTINGS.items()
+    }
+    res = timeit(fns, a.reps, a.warmup)
+    print(f"{caps.line()}  threads {torch.get_num_threads()}", file=sys.stderr)
+    print(f"auto here: train.precision={auto[0]} train.channels_last={auto[1]}", file=sys.stderr)
+    print(f"preset {a.preset}  {cfg.method.name}  arch {cfg.model.arch}  batch {a.batch}  {size}px", file=sys.stderr)
+    for k, v in res.items():
+        print(f"  {k:>20s}: {v * 1000:9.1f} ms/step  ({a.batch / v:7.1f} img/s)  x{res['fp32'] / v:.2f} vs fp32")
+    out = {"cpu": caps.line(), "auto": {"precision": auto[0], "channels_last": auto[1]}, "preset": a.preset}
+    out.update(batch=a.batch, size=size, img_per_s={k: a.batch / v for k, v in res.items()})
+    print(json.dumps({**out, "speedup_vs_fp32": {k: res["fp32"] / v for k, v in res.items()}}), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -32,11 +32,13 @@ monotonic in ``c``:
 "Handled stably": ``c`` is clamped to ``[-1 + 1e-6, 1 - 1e-6]`` before ``arccos`` so neither the
 value nor the gradient is ever NaN/inf (``d arccos/dc`` is unbounded at +-1); the price is a zero
 gradient for cosines within 1e-6 of +-1. All arithmetic is done in float32 (bf16 inputs are
-upcast), and the cross-entropy uses log-sum-exp.
+upcast; :func:`queue_cosines` and :func:`info_nce` switch autocast off, so the [B, 1 + K] logits are
+float32 under bf16 autocast too), and the cross-entropy uses log-sum-exp.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional, get_args
 
@@ -103,6 +105,25 @@ def margin_nce(
     return (torch.logsumexp(logits, dim=1) - logits[:, 0]).mean()
 
 
+def fp32(device: torch.device):
+    """A region where autocast is off, so contrastive logits are float32 under any precision."""
+    try:
+        return torch.autocast(device.type, enabled=False)
+    except RuntimeError:  # a device type without autocast support
+        return contextlib.nullcontext()
+
+
+def queue_cosines(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """MoCo's positive and queue cosines, float32 under any autocast (bf16 inputs are upcast).
+
+    Args: q [B, D], k [B, D], queue [K, D] (L2-normalised rows). Returns (l_pos [B], l_neg [B, K]):
+    ``l_pos = q . k+`` and ``l_neg = q . k_i`` over the queue, the [B, 1 + K] logits times tau.
+    """
+    with fp32(q.device):
+        qf = q.float()
+        return (qf * k.float()).sum(dim=1), qf @ queue.float().t()
+
+
 def info_nce(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -120,9 +141,9 @@ def info_nce(
         temperature: tau (MoCo v2: 0.2).
         margin: optional MarginNCE margin on the positive (InterCLR's intra branch uses 0).
     """
-    pos = (q * k).sum(dim=1)  # [B]   l_pos = q . k+
-    neg = q @ queue.t().to(q.dtype)  # [B, K] l_neg = q . k_i
-    return margin_nce(pos, neg, temperature, margin, margin_type)
+    pos, neg = queue_cosines(q, k, queue)  # [B], [B, K] float32
+    with fp32(q.device):
+        return margin_nce(pos, neg, temperature, margin, margin_type)
 
 
-__all__ = ["MARGIN_TYPES", "info_nce", "margin_nce", "margin_positive_logit"]
+__all__ = ["MARGIN_TYPES", "fp32", "info_nce", "margin_nce", "margin_positive_logit", "queue_cosines"]

@@ -143,3 +143,45 @@ def test_pca_fit_matches_svd_and_apply_normalises():
     assert (comps.gather(1, comps.abs().argmax(1, keepdim=True)) > 0).all()
     y = pca_apply(x, mean, comps)
     assert y.shape == (500, 3) and torch.allclose(y.norm(dim=1), torch.ones(500), atol=1e-5)
+
+
+@pytest.mark.skipif(not faiss_available(), reason="needs faiss (faiss-cpu) to stand in for the GPU build")
+def test_faiss_gpu_kmeans_uses_this_process_gpu_only(monkeypatch):
+    """A GPU build of faiss faked around faiss-cpu: k-means builds one flat GPU index on the local
+    device (never an index on every visible GPU) and gives the CPU result."""
+    import sys
+    import types
+
+    import faiss as real
+
+    made = []
+
+    class GpuIndexFlatConfig:
+        device, useFloat16 = -1, True
+
+    def gpu_index(res, d, cfg):
+        made.append((cfg.device, cfg.useFloat16))
+        return real.IndexFlatL2(d)
+
+    def all_gpus(*a, **k):
+        raise AssertionError("an index on every GPU")
+
+    fake = types.SimpleNamespace(
+        Clustering=real.Clustering,
+        IndexFlatL2=real.IndexFlatL2,
+        vector_to_array=real.vector_to_array,
+        StandardGpuResources=lambda: object(),
+        GpuIndexFlatConfig=GpuIndexFlatConfig,
+        GpuIndexFlatL2=gpu_index,
+        index_cpu_to_all_gpus=all_gpus,
+        get_num_gpus=lambda: 4,
+    )
+    monkeypatch.setitem(sys.modules, "faiss", fake)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)  # LOCAL_RANK 3's GPU
+    x, _ = _blobs()
+    km = kmeans(x, 5, iters=5, seed=0, backend="faiss")
+    assert made == [(3, False)] and km.backend == "faiss-gpu" and km.gpus == 1 and km.where == "faiss on 1 GPU"
+    monkeypatch.setitem(sys.modules, "faiss", real)
+    cpu = kmeans(x, 5, iters=5, seed=0, use_gpu=False, backend="faiss")
+    assert torch.equal(km.labels, cpu.labels)

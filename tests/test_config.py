@@ -233,7 +233,7 @@ def test_a_bad_choice_in_a_preset_file_or_set_in_code_is_an_error(tmp_path):
         load_config(str(p))
     cfg = load_config(None)
     cfg.method.name = "simclr"  # a Config changed in code is re-checked by validate()
-    with pytest.raises(UserError, match="method.name must be one of mocov2, interclr; got 'simclr'"):
+    with pytest.raises(UserError, match="method.name must be one of mocov2, interclr, npid, invp; got 'simclr'"):
         validate(cfg)
 
 

@@ -54,6 +54,7 @@ def test_batch_augment_equals_torchvision_ops_in_each_images_own_order():
     aug.gen.manual_seed(11)
     prm = aug.draw(len(x))
     assert len({tuple(o.tolist()) for o in prm["order"]}) > 1  # images really run different orders
+    assert set(prm["order"].argsort(dim=1)[:, 3].tolist()) == {0, 1, 2, 3}  # the hue in every slot
     got = aug.apply(x, prm)
     k = D.blur_kernel_size(cfg.image_size)
     for b in range(len(x)):
@@ -67,6 +68,37 @@ def test_batch_augment_equals_torchvision_ops_in_each_images_own_order():
             s = float(prm["sigma"][b])
             img = TF.gaussian_blur(img, [k, k], [s, s])
         torch.testing.assert_close(got[b], img, rtol=0, atol=5e-6, msg=f"image {b}")
+
+
+def test_augment_reads_no_tensor_value_on_the_host():
+    """No host-device sync in a view: no aten op that turns a tensor into a Python value or sizes a
+    result by its data (item, nonzero, boolean-mask indexing, bool())."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    aug = DeviceAugment(DataConfig(image_size=8), torch.device("cpu"), seed=0)
+    u8 = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8)
+    syncing = {"_local_scalar_dense", "nonzero", "is_nonzero", "masked_select", "item"}
+    padded = D.PaddedImages([u8[0], u8[1, :, :5], u8[2, :, :, :7]], torch.device("cpu"))  # data.decode=device
+    for run in (
+        lambda: aug(u8, epoch=0, step_in_epoch=0),
+        lambda: aug.from_images(u8, epoch=0, step_in_epoch=1),
+        lambda: aug.from_images(padded, epoch=0, step_in_epoch=2),
+    ):
+        with Ops() as ops:
+            run()
+        assert ops.names and not syncing & set(ops.names), sorted(syncing & set(ops.names))
+    with Ops() as ops:  # the recorder does see a host read
+        bool(u8.sum() > 0)
+    assert "_local_scalar_dense" in ops.names or "is_nonzero" in ops.names
 
 
 def test_call_is_seeded_by_step_and_view_and_normalises():
@@ -143,16 +175,21 @@ def test_draw_crops_follow_torchvision_random_resized_crop():
     assert torch.equal(tall, torch.tensor([[0.0, 13.0, 10.0, 26.0]] * 4))  # w = 10, h = round(10 / (3/4)) = 13
 
 
-def test_crop_resize_is_identity_on_the_whole_image_and_close_to_torchvision(tiny_data):
+def test_crop_resize_is_torchvisions_antialiased_resized_crop(tiny_data):
     x = torch.rand(3, 3, 16, 16)
     full = torch.tensor([[0.0, 0.0, 16.0, 16.0]] * 3)
     torch.testing.assert_close(crop_resize(x, full, 16), x, rtol=0, atol=1e-6)
     paths = sorted(p for p in (tiny_data / "train").rglob("*") if p.is_file())[:8]
     imgs = torch.stack([TF.pil_to_tensor(load_rgb(str(p))).float() / 255 for p in paths])
-    for x1, y1, x2, y2 in ((0, 0, 32, 32), (5, 3, 25, 30), (10, 10, 18, 16)):
-        got = crop_resize(imgs, torch.tensor([[x1, y1, x2, y2]] * len(imgs), dtype=torch.float), 16)
-        want = torch.stack([TF.resized_crop(im, y1, x1, y2 - y1, x2 - x1, [16, 16], antialias=True) for im in imgs])
-        assert (got - want).abs().mean() < 0.03
+    flip = torch.arange(len(imgs)) % 2 == 1
+    # shrinking (antialiased), enlarging, non-square boxes and sizes
+    for (x1, y1, x2, y2), size in (((0, 0, 32, 32), 16), ((5, 3, 25, 30), 16), ((10, 10, 18, 16), 16),
+                                   ((1, 2, 30, 31), 7), ((4, 4, 20, 28), 40), ((3, 0, 32, 11), 20)):  # fmt: skip
+        boxes = torch.tensor([[x1, y1, x2, y2]] * len(imgs), dtype=torch.float)
+        want = torch.stack([TF.resized_crop(im, y1, x1, y2 - y1, x2 - x1, [size, size], antialias=True) for im in imgs])
+        torch.testing.assert_close(crop_resize(imgs, boxes, size), want, rtol=0, atol=2e-6)
+        want = torch.where(flip.view(-1, 1, 1, 1), want.flip(-1), want)
+        torch.testing.assert_close(crop_resize(imgs, boxes, size, flip), want, rtol=0, atol=2e-6)
 
 
 def test_in_memory_store_substitutes_unreadable_images_and_checks_sizes(tmp_path):

@@ -128,6 +128,15 @@ def child_env(**extra) -> dict:
 # -- launch detection (no processes) ---------------------------------------------------------------
 
 
+def test_a_plain_nccl_backend_keeps_gloo_for_cpu_tensors(monkeypatch):
+    from interclr_cli.runtime.launch import default_backend
+
+    monkeypatch.setenv("INTERCLR_DIST_BACKEND", "nccl")
+    assert default_backend() == "cpu:gloo,cuda:nccl"
+    monkeypatch.setenv("INTERCLR_DIST_BACKEND", "gloo")
+    assert default_backend() == "gloo"
+
+
 def test_detects_torchrun_and_slurm_environments():
     assert detect({}) is None
     assert detect({"RANK": "0", "WORLD_SIZE": "1"}) is None  # a world of one runs as a plain process
@@ -507,6 +516,94 @@ def _tensors(path: Path) -> dict:
     return {k: v for k, v in load_file(str(path)).items() if k.startswith(("model.", "optim.", "method."))}
 
 
+def _global_batch_overrides(data: Path) -> list[str]:
+    ov = [o for o in _pretrain_overrides(data, False) if not o.startswith("train.ckpt_every_steps")]
+    return ov + ["train.global_batch=8"]  # given with train.batch_size: global_batch wins
+
+
+def _run_logging(fn, *args, **kwargs) -> tuple:
+    """``fn(...)`` and the "processes x per process = global" lines it logged."""
+    import logging
+
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda r: lines.append(r.getMessage())
+    logger = logging.getLogger("interclr")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        out = fn(*args, **kwargs)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    return out, [ln for ln in lines if "processes x per process = global" in ln]
+
+
+def _global_batch_worker(data: str, out: str) -> dict:
+    from interclr_cli.commands.pretrain import run_pretrain
+
+    summary, lines = _run_logging(
+        run_pretrain,
+        "mocov2-r18-cifar",
+        _global_batch_overrides(Path(data)),
+        out=out,
+        resume=None,
+        force=False,
+        show_progress=False,
+    )
+    return {"summary": summary, "lines": lines}
+
+
+def _force_worker(root: str) -> str:
+    """--force on 2 ranks while rank 0's delete is slow (config.yaml goes first): rank 1, slower to
+    inspect the folder, must still see the whole run folder (or nothing), never half of it."""
+    import shutil
+
+    from interclr_cli.training import rundir
+
+    path = Path(root) / "forced"
+    if dist.is_main():
+        (path / "checkpoints").mkdir(parents=True)
+        (path / rundir.RUN_MARKER).write_text("name: x\n")
+        (path / "checkpoints" / "ckpt.safetensors").write_bytes(b"x")
+    dist.barrier()
+    check, rmtree = rundir.check_run_dir, shutil.rmtree
+
+    def slow_check(p, force):
+        if dist.rank() == 1:
+            time.sleep(0.5)
+        return check(p, force=force)
+
+    def slow_rmtree(p, *a, **k):
+        (Path(p) / rundir.RUN_MARKER).unlink()
+        time.sleep(1.0)
+        return rmtree(p, *a, **k)
+
+    rundir.check_run_dir, rundir.shutil.rmtree = slow_check, slow_rmtree
+    try:
+        rundir.prepare_run_dir(path, resume=False, force=True)
+        return "ok"
+    except Exception as e:  # noqa: BLE001  (the test compares the outcome of both ranks)
+        return f"{type(e).__name__}: {e}"
+    finally:
+        rundir.check_run_dir, rundir.shutil.rmtree = check, rmtree
+
+
+def _labels_init_worker() -> dict:
+    """OnlineLabels.init on bank rows that differ in the last bits between ranks (as float sums on
+    a GPU may): the centroids must still be rank-identical, so check_replicas stays quiet."""
+    from interclr_cli.memory import OnlineLabels
+    from interclr_cli.runtime.ddp import check_replicas
+
+    g = torch.Generator().manual_seed(5)
+    feats = F.normalize(torch.randn(40, 8, generator=g), dim=1)
+    feats = feats + 1e-6 * dist.rank()  # rank-dependent rounding
+    lab = OnlineLabels(40, 4, 8, min_cluster_size=0)
+    lab.init(torch.arange(40) % 4, feats)
+    return {"centroids": lab.centroids.clone(), "differ": check_replicas(lab)}
+
+
 def _all_worker(
     images: str,
     data: str,
@@ -524,6 +621,9 @@ def _all_worker(
         "moco": _moco_worker(),
         "pretrain": _pretrain_worker(ref_dir, _pretrain_overrides(Path(data), True), watch),
         "downstream": _downstream_worker(down_data, down_out),
+        "labels_init": _labels_init_worker(),
+        "force": _force_worker(watch),
+        "global_batch": _global_batch_worker(data, f"{watch}/global-batch"),
     }
     try:
         import interclr_cli.methods.interclr  # noqa: F401  (being written in parallel)
@@ -745,6 +845,39 @@ def test_bank_labels_and_centroids_are_bit_identical_on_both_ranks(interclr_runs
     assert torch.allclose(s["bank"].norm(dim=1), torch.ones(16), atol=1e-5)
 
 
+def test_global_batch_and_lr_are_the_same_on_one_and_two_ranks(tmp_path, ranks):
+    from interclr_cli.commands.pretrain import run_pretrain
+
+    two = ranks[0]["global_batch"]
+    data = Path(ranks[0]["pretrain"]["summary"]["run_dir"]).parent / "data" / "train"
+    one, lines = _run_logging(
+        run_pretrain,
+        "mocov2-r18-cifar",
+        _global_batch_overrides(data),
+        out=str(tmp_path / "one"),
+        resume=None,
+        force=False,
+        show_progress=False,
+    )
+    assert two["lines"][0].startswith("batch 2 x 4 = 8 ") and lines[0].startswith("batch 1 x 8 = 8 ")
+    assert two["lines"][0].split("; ")[1] == lines[0].split("; ")[1]  # "lr 0.001875 = 0.06 x 8/256 ..."
+    assert one["steps"] == two["summary"]["steps"] == 3  # 24 images, 8 per step
+
+
+def test_force_waits_for_every_rank_before_deleting(ranks):
+    assert [r["force"] for r in ranks] == ["ok", "ok"]
+
+
+def test_initial_centroids_are_rank_identical(ranks):
+    r0, r1 = (r["labels_init"] for r in ranks)
+    assert torch.equal(r0["centroids"], r1["centroids"])
+    assert r0["differ"] == r1["differ"] == []
+    g = torch.Generator().manual_seed(5)  # rank 0's centroids: the member means of its own rows
+    feats = F.normalize(torch.randn(40, 8, generator=g), dim=1)
+    want = torch.stack([feats[c::4].mean(0) for c in range(4)])
+    assert torch.allclose(r0["centroids"], want, atol=1e-6)
+
+
 def test_unreadable_images_are_replaced_so_both_ranks_step_together(ranks):
     if ranks[0]["interclr"] is None:
         pytest.skip("interclr_cli.methods.interclr is not there yet")
@@ -780,6 +913,8 @@ DOWN = [
     "train.log_every=1",
     "optim.lr=0.2",
     "optim.reference_batch=16",
+    "train.precision=none",  # float32: compared with one process up to float noise (not bf16's)
+    "train.channels_last=false",
 ]
 GLOBAL_BATCH = 8
 LINEAR = {

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from interclr_cli.losses import info_nce, margin_nce, margin_positive_logit
+from interclr_cli.losses import info_nce, margin_nce, margin_positive_logit, queue_cosines
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -103,3 +103,22 @@ def test_info_nce_gradient_flows_to_the_query_only():
     queue = F.normalize(torch.randn(10, 8), dim=1)
     info_nce(q, k, queue, 0.2).backward()
     assert q.grad is not None and torch.isfinite(q.grad).all() and q.grad.abs().sum() > 0
+
+
+def test_queue_logits_are_float32_under_bf16_autocast():
+    """MoCo's [B, 1 + K] logits: float32 inside a CPU bf16 autocast region, equal to a float64
+    computation from the same inputs; the loss equals the one computed without autocast."""
+    g = torch.Generator().manual_seed(3)
+    q = F.normalize(torch.randn(8, 32, generator=g), dim=1)
+    k = F.normalize(torch.randn(8, 32, generator=g), dim=1)
+    queue = F.normalize(torch.randn(300, 32, generator=g), dim=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pos, neg = queue_cosines(q, k, queue)
+        loss = info_nce(q, k, queue, 0.2)
+        plain = q @ queue.t()  # what an unguarded matmul gives here
+    assert plain.dtype == torch.bfloat16  # the region really is autocast
+    assert pos.dtype == neg.dtype == loss.dtype == torch.float32
+    assert torch.allclose(neg.double(), q.double() @ queue.double().t(), atol=1e-6)
+    assert torch.allclose(pos.double(), (q.double() * k.double()).sum(1), atol=1e-6)
+    assert loss.item() == pytest.approx(info_nce(q, k, queue, 0.2).item(), rel=1e-6)
+    assert (plain.double() - q.double() @ queue.double().t()).abs().max() > 1e-4  # bf16 would be visibly off

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from interclr_cli.memory import MemoryBank, last_occurrence
+from interclr_cli.memory.bank import run_starts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -69,8 +70,9 @@ def test_last_occurrence_matches_python():
     last = {}
     for p, v in enumerate(idx.tolist()):
         last[v] = p
-    assert vals.tolist() == sorted(last)
-    assert pos.tolist() == [last[v] for v in sorted(last)]
+    assert vals.tolist() == sorted(idx.tolist())  # fixed shape: every entry, sorted
+    assert pos.tolist() == [last[v] for v in sorted(idx.tolist())]  # each repeat -> its last position
+    assert run_starts(vals).sum().item() == len(last)
 
 
 def test_bf16_storage():

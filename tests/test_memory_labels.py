@@ -151,6 +151,7 @@ def _random_run(seed_gen: int, steps: int = 30):
     gen = torch.Generator().manual_seed(seed_gen)
     data = torch.Generator().manual_seed(7)
     history = []
+    prev_small = False
     for it in range(steps):
         idx = torch.randint(0, n, (48,), generator=data)  # with replacement: duplicates happen
         # keys drift towards blob 0, so clusters elsewhere shrink and get dissolved
@@ -158,8 +159,12 @@ def _random_run(seed_gen: int, steps: int = 30):
         bank.update(idx, keys, 1.0)
         stats = lab.step(it, idx, bank.rows(idx), bank.features, gen)
         assert _consistent(lab)
-        assert lab.counts.min() >= 45, (it, lab.counts)
-        assert stats["empty_clusters"] == 0
+        # a cluster a relabelling makes small is dissolved at the next step (read one step late,
+        # without a host sync), so no step ends with small clusters twice in a row
+        small = bool(lab.counts.min() < 45)
+        assert not (small and prev_small), (it, lab.counts)
+        assert small or stats["empty_clusters"] == 0
+        prev_small = small
         history.append({k: v.clone() for k, v in stats.items()})
     return lab, history
 
@@ -171,7 +176,14 @@ def test_step_keeps_invariants_and_is_deterministic():
     for k, v in a.state_dict().items():
         assert torch.equal(v, b.state_dict()[k])
     assert all(all(torch.equal(x[k], y[k]) for k in x) for x, y in zip(ha, hb))
-    assert set(ha[0]) == {"label_change", "empty_clusters", "min_cluster_size", "max_cluster_size"}
+    assert set(ha[0]) == {
+        "label_change",
+        "empty_clusters",
+        "min_cluster_size",
+        "max_cluster_size",
+        "small_clusters_fixed",
+    }
+    assert sum(int(h["small_clusters_fixed"]) for h in ha) == a.dissolved  # the stat counts every fix
 
 
 def test_step_recomputes_centroids_on_schedule():

@@ -205,7 +205,11 @@ def test_cli_error_paths_are_one_line(tiny_data, tmp_path, monkeypatch):
         ),
         2,
     )
-    assert_clean_error(run_cli("pretrain", "--preset", "quickstart", "device=cuda"), 2, "no CUDA GPU")
+    if torch.cuda.is_available():  # a GPU host: a GPU that is not there
+        n = torch.cuda.device_count()
+        assert_clean_error(run_cli("pretrain", "--preset", "quickstart", f"device=cuda:{n}"), 2, f"only {n} GPU(s)")
+    else:
+        assert_clean_error(run_cli("pretrain", "--preset", "quickstart", "device=cuda"), 2, "no CUDA GPU")
     assert_clean_error(run_cli("pretrain", "data.root=x"), 2, "--preset is required")
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"garbage")

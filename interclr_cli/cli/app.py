@@ -12,7 +12,9 @@ import typer
 from ..errors import InterclrError
 from . import presets as presets_cmd
 from .evaluate import register as register_evaluate
+from .invariance import register as register_invariance
 from .pretrain import pretrain
+from .viz import register as register_viz
 
 app = typer.Typer(
     name="interclr",
@@ -38,6 +40,8 @@ Examples:
 app.command("pretrain", help=pretrain.__doc__)(pretrain)
 app.add_typer(presets_cmd.app, name="presets")
 register_evaluate(app)  # linear-eval, finetune, knn, cluster, rankme, export
+register_invariance(app)  # invariance
+register_viz(app)  # report, runs
 
 
 def _preprocess(argv: list[str]) -> list[str]:
@@ -75,6 +79,12 @@ def main(argv: Optional[list[str]] = None) -> None:
         sys.stderr.write("interrupted\n")
         code = 130
     except Exception as e:  # an internal bug: one line unless debugging
+        from ..runtime.safefile import is_storage_error, storage_error_from
+
+        if is_storage_error(e):  # a full disk, a quota, a read-only folder: the storage, not a bug
+            sys.stderr.write(f"{who}error: {storage_error_from(e)}\n")
+            launch.teardown()
+            sys.exit(1)
         if os.environ.get("INTERCLR_DEBUG"):
             raise
         logging.getLogger("interclr").debug("internal error", exc_info=True)

@@ -16,6 +16,11 @@ PresetOpt = typer.Option(None, "--preset", "-p", help="Preset name (see `intercl
 OutOpt = typer.Option(None, "--out", "-o", help="Run folder (default: runs/<preset>-<timestamp>).")
 JsonOpt = typer.Option(False, "--json", help="Print one JSON object with the results on stdout (logs go to stderr).")
 ForceOpt = typer.Option(False, "--force", help="Overwrite an existing run folder.")
+NoVerifyOpt = typer.Option(
+    False,
+    "--no-verify",
+    help="Load checkpoints without checking the digest interclr writes into them (files of other tools have none).",
+)
 OverridesArg = typer.Argument(
     None, help="Config overrides key.sub=value, e.g. optim.lr=0.06 data.root=/data/cifar.", show_default=False
 )

@@ -13,7 +13,8 @@ from typing import List, Optional
 import typer
 
 from ..errors import UserError
-from .common import ForceOpt, JsonOpt, OverridesArg, PresetOpt, emit_json, setup_logging
+from ..runtime.safefile import verification
+from .common import ForceOpt, JsonOpt, NoVerifyOpt, OverridesArg, PresetOpt, emit_json, setup_logging
 
 CkptArg = typer.Argument(
     ...,
@@ -93,6 +94,7 @@ def linear_eval(
     force: bool = ForceOpt,
     as_json: bool = JsonOpt,
     quiet: bool = QuietOpt,
+    no_verify: bool = NoVerifyOpt,
 ) -> None:
     from ..commands import run_linear_eval
 
@@ -104,7 +106,8 @@ def linear_eval(
         if aug_copies < 0:
             raise UserError(f"--aug-copies must be >= 0; got {aug_copies}")
         ov.append(f"eval.cached_aug_copies={aug_copies}")
-    result = run_linear_eval(checkpoint, preset, ov, out=out, force=force, show_progress=not quiet)
+    with verification(not no_verify):
+        result = run_linear_eval(checkpoint, preset, ov, out=out, force=force, show_progress=not quiet)
     _show(result, as_json, "linear-eval")
 
 
@@ -164,6 +167,7 @@ def finetune(
     force: bool = ForceOpt,
     as_json: bool = JsonOpt,
     quiet: bool = QuietOpt,
+    no_verify: bool = NoVerifyOpt,
 ) -> None:
     from ..commands import run_finetune
 
@@ -177,7 +181,8 @@ def finetune(
         ov.append(f"data.label_fraction={label_fraction!r}")
     if label_list is not None:
         ov += [f"data.label_list={label_list}", "data.label_fraction=1.0"]
-    result = run_finetune(checkpoint, preset, ov, out=out, resume=resume, force=force, show_progress=not quiet)
+    with verification(not no_verify):
+        result = run_finetune(checkpoint, preset, ov, out=out, resume=resume, force=force, show_progress=not quiet)
     _show(result, as_json, "finetune")
 
 
@@ -220,6 +225,7 @@ def knn(
     force: bool = ForceOpt,
     as_json: bool = JsonOpt,
     quiet: bool = QuietOpt,
+    no_verify: bool = NoVerifyOpt,
 ) -> None:
     from ..commands import run_knn
 
@@ -229,7 +235,8 @@ def knn(
         ov.append("eval.knn_k=" + ",".join(str(int(x)) for x in k))
     if temperature is not None:
         ov.append(f"eval.knn_temperature={temperature!r}")
-    result = run_knn(checkpoint, preset, ov, out=out, force=force, show_progress=not quiet)
+    with verification(not no_verify):
+        result = run_knn(checkpoint, preset, ov, out=out, force=force, show_progress=not quiet)
     _show(result, as_json, "knn")
 
 
@@ -281,24 +288,26 @@ def cluster(
     force: bool = ForceOpt,
     as_json: bool = JsonOpt,
     quiet: bool = QuietOpt,
+    no_verify: bool = NoVerifyOpt,
 ) -> None:
     from ..commands import run_cluster
 
     setup_logging(quiet)
-    result = run_cluster(
-        checkpoint,
-        preset,
-        list(overrides or []),
-        out=out,
-        force=force,
-        k=k,
-        features=features,
-        pca=pca,
-        iters=iters,
-        sheet_clusters=sheet_clusters,
-        sheet_images=sheet_images,
-        show_progress=not quiet,
-    )
+    with verification(not no_verify):
+        result = run_cluster(
+            checkpoint,
+            preset,
+            list(overrides or []),
+            out=out,
+            force=force,
+            k=k,
+            features=features,
+            pca=pca,
+            iters=iters,
+            sheet_clusters=sheet_clusters,
+            sheet_images=sheet_images,
+            show_progress=not quiet,
+        )
     if as_json:
         emit_json(result)
         return
@@ -352,6 +361,7 @@ def rankme(
     force: bool = ForceOpt,
     as_json: bool = JsonOpt,
     quiet: bool = QuietOpt,
+    no_verify: bool = NoVerifyOpt,
 ) -> None:
     from ..commands import run_rankme
 
@@ -361,7 +371,8 @@ def rankme(
         if samples < 1:
             raise UserError(f"--samples must be positive; got {samples}")
         ov.append(f"monitor.rankme_samples={samples}")
-    result = run_rankme(checkpoint, preset, ov, out=out, force=force, show_progress=not quiet)
+    with verification(not no_verify):
+        result = run_rankme(checkpoint, preset, ov, out=out, force=force, show_progress=not quiet)
     _show(result, as_json, "rankme")
 
 
@@ -425,23 +436,25 @@ def export(
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output file."),
     as_json: bool = JsonOpt,
     quiet: bool = QuietOpt,
+    no_verify: bool = NoVerifyOpt,
 ) -> None:
     from ..commands import run_export
 
     setup_logging(quiet)
     checkpoint, ov = _split_ckpt(checkpoint, overrides)
-    result = run_export(
-        checkpoint,
-        preset,
-        ov,
-        fmt=fmt,
-        part=part,
-        out=out,
-        classifier=classifier,
-        from_torchvision=from_torchvision,
-        from_moco=from_moco,
-        force=force,
-    )
+    with verification(not no_verify):
+        result = run_export(
+            checkpoint,
+            preset,
+            ov,
+            fmt=fmt,
+            part=part,
+            out=out,
+            classifier=classifier,
+            from_torchvision=from_torchvision,
+            from_moco=from_moco,
+            force=force,
+        )
     _show(result, as_json, "export")
 
 

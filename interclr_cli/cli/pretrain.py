@@ -7,7 +7,8 @@ from typing import List, Optional
 import typer
 
 from ..commands.pretrain import run_pretrain
-from .common import ForceOpt, JsonOpt, OutOpt, OverridesArg, PresetOpt, setup_logging, show_result
+from ..runtime.safefile import verification
+from .common import ForceOpt, JsonOpt, NoVerifyOpt, OutOpt, OverridesArg, PresetOpt, setup_logging, show_result
 
 HELP = """Pretrain a backbone (InterCLR or MoCo v2) on unlabeled images.
 
@@ -42,9 +43,13 @@ def pretrain(
     force: bool = ForceOpt,
     as_json: bool = JsonOpt,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors on stderr; no progress bars."),
+    no_verify: bool = NoVerifyOpt,
 ) -> None:
     setup_logging(quiet)
-    result = run_pretrain(preset, list(overrides or []), out=out, resume=resume, force=force, show_progress=not quiet)
+    with verification(not no_verify):
+        result = run_pretrain(
+            preset, list(overrides or []), out=out, resume=resume, force=force, show_progress=not quiet
+        )
     show_result(result, as_json, title="pretrain")
 
 

@@ -25,7 +25,9 @@ from ..data.sources import FileIndex
 from ..errors import UserError
 from ..runtime import dist
 from ..runtime.device import memory_format
+from ..training.autochoice import channels_last_on, resolve_auto
 from ..training.features import same_files
+from ..training.optim import resolve_batch
 from ..training.rundir import check_run_dir, default_run_dir, prepare_run_dir
 from .loading import CheckpointInfo
 
@@ -80,6 +82,7 @@ def resolve_config(command: str, preset: Optional[str], overrides: list[str], in
     if not cfg.name:
         cfg.name = Path(name).stem
     validate(cfg)
+    resolve_batch(cfg, dist.world_size())
     if not preset:
         log.info(
             "no --preset given: using %s (the default of %s for a %s%s)",
@@ -192,8 +195,11 @@ def single_folder(cfg: Config) -> FileIndex:
 
 
 def prepare_backbone(backbone: nn.Module, cfg: Config, device: torch.device) -> nn.Module:
+    """The backbone on ``device`` in eval mode, after the config's ``auto`` values are resolved for
+    ``device`` (written into ``cfg``: the run's config.yaml records them)."""
+    resolve_auto(cfg, device)
     backbone = backbone.to(device)
-    if cfg.train.channels_last:
+    if channels_last_on(cfg):
         backbone = backbone.to(memory_format=memory_format(True))
     return backbone.eval()
 

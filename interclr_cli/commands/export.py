@@ -73,15 +73,11 @@ def load_foreign(path: str, kind: str) -> tuple[nn.Module, Optional[nn.Module], 
     """
     p = Path(path)
     if p.suffix == ".safetensors" and p.is_file():
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from ..runtime.safefile import read_tensors
 
-        try:
-            state = load_file(str(p))
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise UserError(
-                f"cannot read {p} as safetensors ({str(e).splitlines()[0][:100] if str(e) else type(e).__name__}); check the file"
-            ) from None
+        state, _ = read_tensors(
+            p, on_error=lambda why: UserError(f"cannot read {p} as safetensors ({why}); check the file")
+        )
     else:
         state = read_pickle_checkpoint(p)
     bb, head_state, arch = convert_moco_checkpoint(state)

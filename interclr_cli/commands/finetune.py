@@ -42,6 +42,7 @@ from ..runtime.ddp import convert_sync_bn, ddp_module, sync_bn_buffers
 from ..runtime.device import autocast, memory_format, process_device
 from ..runtime.progress import Reporter
 from ..runtime.seed import seed_everything
+from ..training.autochoice import channels_last_on, resolve_auto
 from ..training.checkpoint import TrainingCheckpoint, list_checkpoints
 from ..training.features import extract_with_config, subset_index
 from ..training.loop import Position, StepTask, TaskState, TrainLoop
@@ -137,7 +138,7 @@ class FinetuneTask(StepTask):
     ):
         self.cfg, self.model, self.net, self.optimizer, self.val = cfg, model, net, optimizer, val
         self.device, self.reporter, self.info, self.last = device, reporter, info, last
-        self.fmt = memory_format(cfg.train.channels_last)
+        self.fmt = memory_format(channels_last_on(cfg))
 
     def on_epoch_start(self, epoch: int) -> None:
         self.model.train()  # the loaded backbone comes in eval mode; validation restores the mode
@@ -215,6 +216,7 @@ def run_finetune(
             f"{'global ' if dist.world_size() > 1 else ''}batch ({world_batch}); lower train.batch_size or use more labels"
         )
     device = process_device(cfg.device)
+    resolve_auto(cfg, device)  # precision and memory format for this device, recorded in config.yaml
     if ck is not None:
         saved = run_dir / SUBSET_FILE
         if saved.is_file() and read_subset_paths(saved) != list(train.paths):
@@ -245,7 +247,7 @@ def _fit(
 ) -> dict:
     seed_everything(cfg.seed)
     model = FinetuneNet(backbone, info.feature_dim, len(train.classes), cfg.seed).to(device)
-    if cfg.train.channels_last:
+    if channels_last_on(cfg):
         model = model.to(memory_format=memory_format(True))
     # model.sync_bn: the backbone's BatchNorm over the global batch (a no-op on one process)
     model = convert_sync_bn(model, sync_bn=cfg.model.sync_bn, key_bn="none", device=device)

@@ -43,6 +43,7 @@ from ..runtime.ddp import ddp_module
 from ..runtime.device import autocast, memory_format, process_device
 from ..runtime.progress import Reporter
 from ..runtime.seed import seed_everything
+from ..training.autochoice import channels_last_on
 from ..training.features import extract_with_config
 from ..training.loop import Position, StepTask, TrainLoop
 from ..training.optim import build_optimizer, global_lr, lr_factor
@@ -80,7 +81,7 @@ class LinearTask(StepTask):
     def __init__(self, cfg: Config, backbone: nn.Module, fc: nn.Linear, head: nn.Module, val_x, val_y, device):
         self.cfg, self.backbone, self.fc, self.head = cfg, backbone, fc, head
         self.val_x, self.val_y, self.device = val_x, val_y, device
-        self.fmt = memory_format(cfg.train.channels_last)
+        self.fmt = memory_format(channels_last_on(cfg))
         self.history: list[dict] = []
 
     def on_epoch_start(self, epoch: int) -> None:

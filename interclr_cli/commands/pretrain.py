@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -49,5 +50,19 @@ def run_pretrain(
         "steps": result.steps,
         "skipped": result.skipped,
         "method": cfg.method.name,
+        "losses": last_losses(result.run_dir),
         **result.metrics,
     }
+
+
+def last_losses(run_dir: Path) -> dict:
+    """The loss terms (``loss`` and every ``loss_*``) of the last ``type: step`` record of the run's
+    ``metrics.jsonl`` (rank 0's file); {} when there is none."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return {}
+    for line in reversed(path.read_text().splitlines()):
+        rec = json.loads(line)
+        if rec.get("type") == "step":
+            return {k: v for k, v in rec.items() if k == "loss" or k.startswith("loss_")}
+    return {}

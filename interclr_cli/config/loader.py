@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import logging
 import typing
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ import yaml
 
 from ..errors import UserError
 from .schema import Config
+
+log = logging.getLogger("interclr")
 
 PRESET_DIRS = [
     Path(__file__).resolve().parent.parent / "presets",  # installed: interclr_cli/presets
@@ -139,7 +142,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is typing.Literal:
         if isinstance(value, (dict, list)):
             raise bad()
-        return _check_choice(key, "" if value is None else str(value), tuple(typing.get_args(tp)))
+        allowed = tuple(typing.get_args(tp))
+        if "true" in allowed and "false" in allowed:  # an auto|true|false switch reads booleans too
+            value = _switch_value(value)
+        return _check_choice(key, "" if value is None else str(value), allowed)
     if origin is list:
         (arg,) = typing.get_args(tp)
         if isinstance(value, str):
@@ -196,6 +202,17 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise bad()
         return "" if value is None else str(value)
     raise bad()
+
+
+def _switch_value(value: Any) -> Any:
+    """YAML true/false and true/yes/on/1, false/no/off/0 (any case) -> "true"/"false"; others unchanged."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int) and value in (0, 1):
+        return "true" if value else "false"
+    if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+        return "true" if value.lower() in ("true", "yes", "on", "1") else "false"
+    return value
 
 
 def _check_choice(key: str, v: str, allowed: tuple) -> str:
@@ -327,7 +344,21 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         for p in parts[:-1]:
             node = node.setdefault(p, {})
         node[parts[-1]] = value  # converted (and type-checked) by _build
+    _check_batch_keys(data, {parse_override(t)[0] for t in overrides})
     return data
+
+
+def _check_batch_keys(data: dict, given: set[str]) -> None:
+    """An explicit ``train.batch_size`` override means a per-process batch: it turns the preset's
+    ``train.global_batch`` off (with a log line) unless ``train.global_batch`` is given too."""
+    train = data.get("train") or {}
+    g = train.get("global_batch", 0)
+    if "train.batch_size" in given and "train.global_batch" not in given and isinstance(g, int) and g > 0:
+        train["global_batch"] = 0
+        log.info(
+            f"train.batch_size={train['batch_size']} given: a per-process batch (the preset's train.global_batch={g} "
+            "is turned off; set train.global_batch=N for images per step over all processes)"
+        )
 
 
 def _deep_copy(d: Any) -> Any:
@@ -393,7 +424,7 @@ def validate(cfg: Config) -> None:
         raise UserError(f"data.crop_min_scale must be in (0, 1]; got {cfg.data.crop_min_scale}")
     if not 0.0 < cfg.data.label_fraction <= 1.0:
         raise UserError(f"data.label_fraction must be in (0, 1]; got {cfg.data.label_fraction}")
-    if cfg.data.in_memory and cfg.data.augment_on != "device":
+    if cfg.data.in_memory and cfg.data.augment_on == "workers":
         raise UserError(
             "data.in_memory=true augments on the device; add data.augment_on=device (or set data.in_memory=false)"
         )

@@ -19,10 +19,12 @@ from typing import Literal
 
 # The keys with a fixed set of values (named where other modules read them).
 Source = Literal["auto", "imagefolder", "folder", "filelist"]
-AugmentOn = Literal["workers", "device"]
+AugmentOn = Literal["auto", "workers", "device"]
+Decode = Literal["auto", "pil", "device"]
 Arch = Literal["resnet18", "resnet34", "resnet50"]
-MethodName = Literal["mocov2", "interclr"]
-KeyBN = Literal["none", "shuffle", "sync"]
+MethodName = Literal["mocov2", "interclr", "npid", "invp"]
+InvpRamp = Literal["binary", "gaussian", "none"]
+KeyBN = Literal["none", "split", "shuffle", "sync"]
 IntraKind = Literal["moco", "npid"]
 MarginType = Literal["additive", "angular"]
 NegSampling = Literal["semihard", "hard", "random", "semieasy"]
@@ -31,9 +33,15 @@ LabelMode = Literal["online", "offline"]
 BankDtype = Literal["float32", "bfloat16"]
 OptimName = Literal["sgd", "lars"]
 Schedule = Literal["cosine", "step", "constant"]
-Precision = Literal["none", "bf16"]
+Precision = Literal["auto", "none", "bf16"]
+# A switch whose default is decided per machine (interclr_cli.runtime.precision); YAML true/false
+# and the command line's true/false/yes/no/on/off/1/0 are read as "true"/"false".
+AutoSwitch = Literal["auto", "true", "false"]
 KnnSplit = Literal["auto", "holdout", "train"]
 Protocol = Literal["linear", "finetune"]
+# `interclr invariance`: the augmentation families (data/invariance.py) and the layers measured.
+InvarianceFamily = Literal["crop", "occlusion", "colour", "flip", "blur", "grayscale", "rotation"]
+InvarianceLayer = Literal["backbone", "embedding", "layer1", "layer2", "layer3"]
 
 
 @dataclass
@@ -58,7 +66,13 @@ class DataConfig:
     # Where pretraining augments: "workers" (every step in the DataLoader workers, PIL) or
     # "device" (workers crop and flip; colour, grayscale, blur and normalisation run batched on
     # the training device: frees the CPU for a fast GPU, or for the model on a small CPU).
-    augment_on: AugmentOn = "workers"
+    # auto: device on CUDA (and where data.in_memory or data.decode=device need it), workers on the CPU.
+    augment_on: AugmentOn = "auto"
+    # Who decodes pretraining images: "pil" (the DataLoader workers) or "device" (the workers only
+    # read the files; each batch's JPEGs are decoded on the training device, nvjpeg on CUDA, and
+    # cropped there; other formats fall back to PIL in the workers). device needs augment_on=device.
+    # auto: device on CUDA with augment_on=device and JPEG data, pil otherwise (and on the CPU).
+    decode: Decode = "auto"
     # Decode every image once and keep the pixels on the training device (needs augment_on=device
     # and images of one size, e.g. CIFAR: 150 MB); steps then need no decoding or workers.
     in_memory: bool = False
@@ -135,15 +149,71 @@ class InterConfig:
 
 
 @dataclass
+class NpidConfig:
+    # method.name=npid (Wu et al., arXiv 1805.01978): InfoNCE of a query against its own bank row
+    # and num_negatives uniformly drawn rows (0 = every row: the full non-parametric softmax).
+    temperature: float = 0.07
+    num_negatives: int = 4096
+    # v_i <- normalize((1 - m) v_i + m q_i); the paper's 0.5
+    bank_momentum: float = 0.5
+    bank_dtype: BankDtype = "float32"
+
+
+@dataclass
+class InvpConfig:
+    # method.name=invp (Wang et al., arXiv 2010.11694): an NPID bank, each image's k nearest rows
+    # kept in an N x k table; positives = the n_pos least similar of the k + k^2 + ... + k^depth
+    # images reached by propagating over that table; negatives = the num_background most similar.
+    temperature: float = 0.2
+    num_background: int = 4096
+    k: int = 4
+    depth: int = 3
+    n_pos: int = 50
+    # remove repeated candidates before picking the hardest (the official code keeps them)
+    dedup: bool = False
+    # L = L_instance + weight * r(epoch) * L_invariance; r: binary (0 before ramp_epochs, then 1),
+    # gaussian (exp(-5 (1 - e / ramp_epochs)^2)) or none (1)
+    weight: float = 0.6
+    ramp: InvpRamp = "binary"
+    ramp_epochs: int = 30
+    bank_momentum: float = 0.5
+    bank_dtype: BankDtype = "float32"
+
+
+@dataclass
+class CLDConfig:
+    # Cross-level instance-group discrimination (Wang, Liu, Yu, arXiv 2008.03813) as an add-on
+    # loss for mocov2, npid and interclr: L = L_method + weight * L_CLD (0 = off).
+    weight: float = 0.0
+    temperature: float = 0.2
+    # k-means of each view's group features over the (all-gathered) batch: K and iterations
+    num_clusters: int = 128
+    kmeans_iters: int = 5
+    # group head: normalised linear (the paper's NormLinear/NormMLP) or plain linear
+    normlinear: bool = True
+    dim: int = 128
+
+
+@dataclass
 class MethodConfig:
     name: MethodName = "mocov2"
     momentum: float = 0.999
     queue_size: int = 65536
-    # BatchNorm of the key encoder on several processes: none (per-device BN), shuffle
-    # (shuffle-BN, as in MoCo) or sync (SyncBatchNorm).
-    key_bn: KeyBN = "none"
+    # BatchNorm of the key encoder, so that a query and its key never share batch statistics
+    # (MoCo Sec. 3.3). split: on every process, both encoders normalise in key_bn_groups groups and
+    # the key batch is shuffled first (MoCo's single-GPU demo; G groups emulate G devices).
+    # shuffle: the key batch is shuffled across processes (MoCo's shuffle-BN; on one process it
+    # runs as split). sync: SyncBatchNorm in the key encoder. none: per-device BN (leaks).
+    key_bn: KeyBN = "split"
+    # Groups of split: at most this many, fewer where the per-process batch is small (every group
+    # keeps >= 16 images; under 32 images per process BatchNorm is not split; see
+    # interclr_cli.models.split_bn.split_groups).
+    key_bn_groups: int = 8
     intra: IntraConfig = field(default_factory=IntraConfig)
     inter: InterConfig = field(default_factory=InterConfig)
+    npid: NpidConfig = field(default_factory=NpidConfig)
+    invp: InvpConfig = field(default_factory=InvpConfig)
+    cld: CLDConfig = field(default_factory=CLDConfig)
 
 
 @dataclass
@@ -169,12 +239,22 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 200
+    # Images per process and step. Ignored when global_batch > 0.
     batch_size: int = 256
+    # Images per step over all processes (> 0): each process takes global_batch / world, so a
+    # preset means the same run on 1, 2, 8 or 16 GPUs. 0: batch_size per process.
+    global_batch: int = 0
     # Stop after this many optimizer steps in total (0 = no limit); for smoke tests.
     max_steps: int = 0
-    # bf16: autocast to bfloat16; none: float32.
-    precision: Precision = "none"
-    channels_last: bool = False
+    # bf16: autocast to bfloat16; none: float32. auto: bf16 on a GPU with native bf16 and on a CPU
+    # with AVX-512 bf16 or AMX, float32 otherwise (README "Precision"). A run's config.yaml records
+    # the resolved value.
+    precision: Precision = "auto"
+    # NHWC tensors. auto: true on CUDA and on a CPU with AVX-512, false otherwise (recorded resolved).
+    channels_last: AutoSwitch = "auto"
+    # CUDA only (ignored on the CPU): cuDNN's convolution autotuner, and TF32 matmuls/convolutions.
+    cudnn_benchmark: bool = True
+    tf32: bool = True
     compile: bool = False
     log_every: int = 10
     # Checkpoint every N epochs (and always at the end), keeping the last K.
@@ -208,6 +288,31 @@ class EvalConfig:
     knn_k: list[int] = field(default_factory=lambda: [20, 200])
     knn_temperature: float = 0.07
     feature_batch_size: int = 256
+    # Feature extraction (monitors, knn, linear-eval, ...): auto = the resolved train.precision.
+    precision: Precision = "auto"
+
+
+@dataclass
+class LogConfig:
+    # TensorBoard event files in <run>/tensorboard/ from the training loop (pretrain, finetune,
+    # linear-eval), when the tensorboard package is installed (pip install 'interclr[viz]').
+    tensorboard: bool = True
+
+
+@dataclass
+class InvarianceConfig:
+    # `interclr invariance` (firing-rate invariance score, Goodfellow et al. 2009 as used by
+    # Purushwalkam & Gupta, arXiv 2007.13916). augment: the families whose views of data.root's
+    # images form the sets; sets: a CSV file path,set_id[,label] of the user's own sets ("" = none).
+    augment: list[InvarianceFamily] = field(
+        default_factory=lambda: ["crop", "occlusion", "colour", "flip", "blur", "grayscale", "rotation"]
+    )
+    sets: str = ""
+    images: int = 1000  # images of data.root (a seeded subset) for the augmentation families
+    views: int = 8  # views per image and family, the untransformed image included (flip, grayscale: 2)
+    layer: InvarianceLayer = "backbone"
+    firing_rate: float = 0.05  # the fraction of all images on which each unit fires: G(i)
+    top_k: int = 25  # the score is the mean invariance of the k most invariant units
 
 
 @dataclass
@@ -224,3 +329,5 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    invariance: InvarianceConfig = field(default_factory=InvarianceConfig)

@@ -23,6 +23,13 @@ log = logging.getLogger("interclr.data")
 _warned: set[str] = set()  # files already reported as unreadable by this process
 
 
+def warn_unreadable(path: str, error: Exception) -> None:
+    """Report ``path`` as unreadable (skipped), once per file per process."""
+    if path not in _warned:
+        _warned.add(path)
+        log.warning("skipping unreadable image %s (%s)", path, error)
+
+
 def load_rgb(path: str) -> Optional[Image.Image]:
     """The image as RGB, or None (with one warning per file per process) if it cannot be read."""
     try:
@@ -30,9 +37,7 @@ def load_rgb(path: str) -> Optional[Image.Image]:
             img = Image.open(f)
             return img.convert("RGB")
     except Exception as e:  # PIL raises many types on damaged files; this block only decodes
-        if path not in _warned:
-            _warned.add(path)
-            log.warning("skipping unreadable image %s (%s)", path, e)
+        warn_unreadable(path, e)
         return None
 
 
@@ -48,12 +53,20 @@ class ImageDataset(Dataset):
     of the same size): an unreadable image is replaced by the next readable one in index order
     (wrapping around, at most ``MAX_SUBSTITUTE_TRIES`` files), and the item carries
     ``replaced=1`` so that :func:`collate_skip` still counts the unreadable file as skipped.
+
+    ``load``: path -> image or None (unreadable); :func:`load_rgb` by default (``data.decode=device``
+    passes one that reads the file's bytes only, :func:`~interclr_cli.data.decode.read_encoded`).
     """
 
     MAX_SUBSTITUTE_TRIES = 1000
 
     def __init__(
-        self, index: FileIndex, transform: Union[Callable, Sequence[Callable]], views: int = 2, substitute: bool = False
+        self,
+        index: FileIndex,
+        transform: Union[Callable, Sequence[Callable]],
+        views: int = 2,
+        substitute: bool = False,
+        load: Callable[[str], object] = load_rgb,
     ):
         if views not in (1, 2):
             raise ValueError(f"views must be 1 or 2, got {views}")
@@ -65,6 +78,7 @@ class ImageDataset(Dataset):
                 raise ValueError(f"got {len(self.transforms)} transforms for {views} views")
         self.views = views
         self.substitute = substitute
+        self.load = load
         self.root = index.root
         self.classes = list(index.classes)
         self.labels = np.asarray(index.labels, dtype=np.int64)
@@ -88,7 +102,7 @@ class ImageDataset(Dataset):
             i, aug_seed = int(key[0]), int(key[1])
         else:
             i, aug_seed = int(key), None
-        img, replaced = load_rgb(self.path(i)), False
+        img, replaced = self.load(self.path(i)), False
         if img is None and self.substitute:
             found = self._next_readable(i)
             if found is not None:
@@ -115,10 +129,19 @@ class ImageDataset(Dataset):
         n = len(self)
         for step in range(1, min(n, self.MAX_SUBSTITUTE_TRIES + 1)):
             j = (i + step) % n
-            img = load_rgb(self.path(j))
+            img = self.load(self.path(j))
             if img is not None:
                 return img, j
         return None
+
+
+def split_skipped(samples: list[Optional[dict]]) -> tuple[list[dict], int]:
+    """The readable samples (without their ``replaced`` mark) and how many files were skipped:
+    the unreadable (None) ones and those replaced by another image (``ImageDataset(substitute=True)``)."""
+    kept = [s for s in samples if s is not None]
+    skipped = len(samples) - len(kept) + sum(1 for s in kept if "replaced" in s)
+    kept = [{k: v for k, v in s.items() if k != "replaced"} if "replaced" in s else s for s in kept]
+    return kept, skipped
 
 
 def collate_skip(samples: list[Optional[dict]]) -> dict:
@@ -128,11 +151,7 @@ def collate_skip(samples: list[Optional[dict]]) -> dict:
     rows and only ``index``, ``label`` (empty) and ``skipped``: check ``batch["index"].numel()``
     and skip the step.
     """
-    kept = [s for s in samples if s is not None]
-    skipped = len(samples) - len(kept)
-    # unreadable files replaced by another image (ImageDataset(substitute=True)) count as skipped
-    skipped += sum(1 for s in kept if "replaced" in s)
-    kept = [{k: v for k, v in s.items() if k != "replaced"} if "replaced" in s else s for s in kept]
+    kept, skipped = split_skipped(samples)
     if not kept:
         empty = torch.zeros(0, dtype=torch.int64)
         return {"index": empty, "label": empty.clone(), "skipped": skipped}

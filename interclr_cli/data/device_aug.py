@@ -16,6 +16,11 @@ on 8-bit PIL images and rounds after each step, so the two agree to about one gr
 horizontal flip stays in the workers: it commutes with every colour operation and with the
 symmetric blur.
 
+Each colour op runs once per image, each image in its own order, with fixed shapes
+(:func:`color_jitter`). With ``data.in_memory`` or ``data.decode=device`` the crop and flip run
+here too (:meth:`DeviceAugment.from_images`: torchvision's RandomResizedCrop boxes per image,
+:func:`crop_resize` as two batched matrix products).
+
 Every parameter is drawn per image from a generator seeded by (seed, epoch, step, rank, view):
 no host-device synchronisation, and a resumed run draws exactly what an uninterrupted one did.
 """
@@ -85,10 +90,12 @@ def adjust_saturation(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     return _blend(x, grayscale(x), f)
 
 
-def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+def adjust_hue(x: torch.Tensor, shift: torch.Tensor, offsets: torch.Tensor | None = None) -> torch.Tensor:
     """Rotate the hue by ``shift`` turns (in [-0.5, 0.5]): RGB -> HSV, h += shift, HSV -> RGB.
 
     Element-wise only (no reductions over the channel axis, no gathers): fast on a CPU too.
+    ``offsets``: :data:`HUE_OFFSETS` already on ``x``'s device and dtype (:class:`DeviceAugment`
+    keeps one there, so a step copies nothing from the host); by default it is moved per call.
     """
     r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]  # [B, 1, H, W] each
     v = torch.maximum(torch.maximum(r, g), b)
@@ -99,13 +106,56 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     h = torch.where(v == r, (g - b) / d, torch.where(v == g, 2.0 + (b - r) / d, 4.0 + (r - g) / d))
     h = torch.where(delta > 0, h, 0.0) + 6.0 * shift.view(-1, 1, 1, 1)
     # HSV -> RGB without sectors: channel c = v - v*s*clamp(min(k, 4 - k), 0, 1), k = (n_c + h) mod 6
-    k = torch.remainder(h + _HUE_N.to(x.device, x.dtype), 6.0)  # [B, 3, H, W], n = 5, 3, 1 for r, g, b
+    n = HUE_OFFSETS.to(x.device, x.dtype) if offsets is None else offsets
+    k = torch.remainder(h + n, 6.0)  # [B, 3, H, W], n = 5, 3, 1 for r, g, b
     return v - v * sat * torch.minimum(k, 4.0 - k).clamp_(0, 1)
 
 
-_HUE_N = torch.tensor([5.0, 3.0, 1.0]).view(1, 3, 1, 1)
+# n_c of the HSV -> RGB formula for r, g, b: [1, 3, 1, 1]
+HUE_OFFSETS = torch.tensor([5.0, 3.0, 1.0]).view(1, 3, 1, 1)
 
 _OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+HUE = 3  # the index of adjust_hue in _OPS (and in ``order`` / ``factors``)
+
+
+def _blend_pass(x: torch.Tensor, op: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """One of brightness (op 0), contrast (1), saturation (2) per image, as one blend [B, 3, H, W].
+
+    All three are ``clamp(f * x + (1 - f) * other)`` with ``other`` = 0, the mean grey level or
+    the grey image: ``other = [op == 2] * gray + [op == 1] * mean(gray)``. ``f = 1`` leaves an
+    image exactly as it is (``1 * x + 0 * other``), which is how an image sits out a pass.
+    """
+    gray = grayscale(x)  # [B, 1, H, W]
+    f = _per_image(f)
+    sat, con = _per_image((op == 2).to(x.dtype)) * (1 - f), _per_image((op == 1).to(x.dtype)) * (1 - f)
+    rest = torch.addcmul(gray.mean(dim=(1, 2, 3), keepdim=True) * con, gray, sat)  # (1 - f) * other [B, 1, H, W]
+    return torch.addcmul(rest, x, f).clamp_(0, 1)
+
+
+def color_jitter(
+    x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, hue_offsets: torch.Tensor
+) -> torch.Tensor:
+    """torchvision's ``ColorJitter`` with each image's own factors [B, 4] and op order [B, 4].
+
+    Each op runs once per image, with shapes fixed (no host syncs): image b's order is its three
+    blend ops ``seq_b`` (order without hue) with the hue after the first ``k_b`` of them. Blend
+    pass p of the first phase applies ``seq_b[p]`` where ``p < k_b``, then the hue runs on every
+    image once, then blend pass p of the second phase applies ``seq_b[p]`` where ``p >= k_b``;
+    an image sits out a pass with factor 1 (an exact identity).
+    """
+    k = (order == HUE).to(torch.int64).argmax(dim=1, keepdim=True)  # [B, 1] hue's slot
+    # seq: the order without the hue, [B, 3] (the slots after k shift down by one)
+    slots = torch.arange(3, device=order.device).unsqueeze(0)  # [1, 3]
+    seq = order.gather(1, slots + (slots >= k).to(torch.int64))  # [B, 3]
+    f_seq = factors.gather(1, seq)  # [B, 3]
+    one = torch.ones_like(f_seq)
+    first = slots < k  # [B, 3]: pass p runs before the hue
+    for p in range(3):
+        x = _blend_pass(x, seq[:, p], torch.where(first[:, p], f_seq[:, p], one[:, p]))
+    x = adjust_hue(x, factors[:, HUE], hue_offsets)
+    for p in range(3):
+        x = _blend_pass(x, seq[:, p], torch.where(first[:, p], one[:, p], f_seq[:, p]))
+    return x
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
@@ -130,6 +180,7 @@ class DeviceAugment:
         self.kernel = blur_kernel_size(cfg.image_size)
         self.mean = torch.tensor(cfg.mean, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(cfg.std, device=self.device).view(1, 3, 1, 1)
+        self.hue_offsets = HUE_OFFSETS.to(self.device)  # once, not per view
         self.gen = torch.Generator(device=self.device)
 
     def _uniform(self, n: int, lo: float, hi: float) -> torch.Tensor:
@@ -166,13 +217,8 @@ class DeviceAugment:
     def apply(self, x: torch.Tensor, prm: dict[str, torch.Tensor]) -> torch.Tensor:
         """Jitter, grayscale and blur float views ``x`` [B, 3, H, W] in [0, 1] (not normalised)."""
         c = self.cfg
-        if c.color_jitter_p > 0:
-            y = x
-            for slot in range(
-                4
-            ):  # each image runs its own order: every op on the batch, kept where it is that image's turn
-                op_here = prm["order"][:, slot].view(-1, 1, 1, 1)
-                y = sum(torch.where(op_here == k, op(y, prm["factors"][:, k]), 0.0) for k, op in enumerate(_OPS))
+        if c.color_jitter_p > 0:  # each image in its own order, each op once per image
+            y = color_jitter(x, prm["factors"], prm["order"], self.hue_offsets)
             x = torch.where(prm["jitter_on"], y, x)
         if c.grayscale_p > 0:
             x = torch.where(prm["gray_on"], grayscale(x).expand_as(x), x)
@@ -181,8 +227,8 @@ class DeviceAugment:
         return x
 
     def _finish(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.apply(x, self.draw(x.shape[0]))
-        return (x - self.mean) / self.std
+        x = self.apply(x, self.draw(x.shape[0]))  # a tensor of its own: normalised in place
+        return x.sub_(self.mean).div_(self.std)
 
     @torch.no_grad()
     def __call__(
@@ -196,17 +242,24 @@ class DeviceAugment:
 
     @torch.no_grad()
     def from_images(
-        self, images: torch.Tensor, *, epoch: int, step_in_epoch: int, rank: int = 0, view: int = 0
+        self, images: torch.Tensor | PaddedImages, *, epoch: int, step_in_epoch: int, rank: int = 0, view: int = 0
     ) -> torch.Tensor:
-        """The whole recipe on whole uint8 images [B, 3, H, W] already on the device (``data.in_memory``):
-        RandomResizedCrop to ``image_size`` and flip too, then as :meth:`__call__`."""
+        """The whole recipe on whole uint8 images already on the device: RandomResizedCrop to
+        ``image_size`` and flip too, then as :meth:`__call__`. ``images``: [B, 3, H, W] of one size
+        (``data.in_memory``) or a :class:`PaddedImages` of several sizes (``data.decode=device``);
+        a batch of one size gets the same views either way (to float rounding)."""
         self.gen.manual_seed(step_seed(self.seed, epoch, step_in_epoch, rank, view))
-        n, _, h, w = images.shape
-        boxes = draw_crops(n, h, w, (self.cfg.crop_min_scale, 1.0), self.gen, self.device)
-        x = crop_resize(images.float().div_(255), boxes, self.cfg.image_size).clamp_(0, 1)
+        scale, size = (self.cfg.crop_min_scale, 1.0), self.cfg.image_size
+        padded = isinstance(images, PaddedImages)
+        n = images.count if padded else images.shape[0]
+        h, w = (images.sizes[:, 0], images.sizes[:, 1]) if padded else images.shape[2:]
+        boxes = draw_crops(n, h, w, scale, self.gen, self.device)
         flip = torch.rand(n, generator=self.gen, device=self.device) < 0.5
-        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-        return self._finish(x)
+        if padded:
+            x = images.crop_resize(boxes, size, flip)
+        else:
+            x = crop_resize(images.float().div_(255), boxes, size, flip)
+        return self._finish(x.clamp_(0, 1))
 
 
 # ----------------------------------------------------------------------------- crop and flip on the device
@@ -214,8 +267,8 @@ class DeviceAugment:
 
 def draw_crops(
     n: int,
-    height: int,
-    width: int,
+    height: int | torch.Tensor,
+    width: int | torch.Tensor,
     scale: tuple[float, float],
     gen: torch.Generator,
     device: torch.device,
@@ -224,51 +277,137 @@ def draw_crops(
 ) -> torch.Tensor:
     """RandomResizedCrop boxes [n, 4] (x1, y1, x2, y2 in pixels) drawn as torchvision does.
 
+    ``height`` and ``width``: one image size, or each image's (float tensors [n] on ``device``).
     Per image: area fraction ~ U(scale), log aspect ratio ~ U(log ratio); the first of ``attempts``
     draws whose box fits is kept, and an image with none falls back to the centre crop of the
-    clamped ratio. Integer sizes and offsets, as torchvision.
+    clamped ratio. Integer sizes and offsets, as torchvision. The draws do not depend on the
+    sizes, so a batch of one size gets the same boxes either way.
     """
-    area = float(height * width)
+    hgt, wid = (
+        v.to(torch.float32) if isinstance(v, torch.Tensor) else torch.full((n,), float(v), device=device)
+        for v in (height, width)
+    )  # [n] each
+    area = (hgt * wid).unsqueeze(1)  # [n, 1]
     s = torch.rand(n, attempts, generator=gen, device=device) * (scale[1] - scale[0]) + scale[0]
     lo, hi = np.log(ratio[0]), np.log(ratio[1])
     r = torch.exp(torch.rand(n, attempts, generator=gen, device=device) * (hi - lo) + lo)
     w = torch.round(torch.sqrt(s * area * r))
     h = torch.round(torch.sqrt(s * area / r))
-    fits = (w > 0) & (h > 0) & (w <= width) & (h <= height)
+    fits = (w > 0) & (h > 0) & (w <= wid.unsqueeze(1)) & (h <= hgt.unsqueeze(1))
     first = torch.where(fits.any(dim=1), fits.float().argmax(dim=1), -1)  # first fitting attempt
     pick = first.clamp_min(0).unsqueeze(1)
     w, h = w.gather(1, pick).squeeze(1), h.gather(1, pick).squeeze(1)
     # fallback: the whole image cut to the allowed ratio, centred
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        fw, fh = float(width), float(round(width / ratio[0]))
-    elif in_ratio > ratio[1]:
-        fw, fh = float(round(height * ratio[1])), float(height)
-    else:
-        fw, fh = float(width), float(height)
+    in_ratio = wid / hgt
+    fw = torch.where(in_ratio > ratio[1], torch.round(hgt * ratio[1]), wid)
+    fh = torch.where(in_ratio < ratio[0], torch.round(wid / ratio[0]), hgt)
     none = first < 0
     w, h = torch.where(none, fw, w), torch.where(none, fh, h)
     u = torch.rand(n, 2, generator=gen, device=device)
-    y1 = torch.floor(u[:, 0] * (height - h + 1))
-    x1 = torch.floor(u[:, 1] * (width - w + 1))
-    y1 = torch.where(none, torch.floor((height - h) / 2), y1)
-    x1 = torch.where(none, torch.floor((width - w) / 2), x1)
+    y1 = torch.floor(u[:, 0] * (hgt - h + 1))
+    x1 = torch.floor(u[:, 1] * (wid - w + 1))
+    y1 = torch.where(none, torch.floor((hgt - h) / 2), y1)
+    x1 = torch.where(none, torch.floor((wid - w) / 2), x1)
     return torch.stack([x1, y1, x1 + w, y1 + h], dim=1)
 
 
-def crop_resize(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
-    """Crop ``boxes`` [B, 4] out of float images [B, C, H, W] and resize each to ``size`` x ``size``.
+def resize_weights(lo: torch.Tensor, hi: torch.Tensor, n: int, size: int, bounds=None) -> torch.Tensor:
+    """Interpolation matrices [B, size, n]: row i weighs the source pixels for output pixel i when
+    the span [lo, hi) (pixels, [B]) of an axis of length ``n`` is resized to ``size``.
 
-    ``roi_align`` with pixel-aligned boxes: bilinear sampling at each output pixel's centre,
-    averaged over ceil(box / size) samples per output pixel when shrinking (a box antialiasing
-    filter, where torchvision's antialiased resize uses a triangle), and reading the pixels just
-    outside the box at its edges (torchvision crops first). The mean difference from torchvision's
-    ``resized_crop`` on CIFAR images stays below 0.03 of the range (tests/test_device_aug.py);
-    measurements: benchmarks/README.md, section "Device crop-resize against torchvision".
+    PIL's and torchvision's antialiased bilinear filter: a triangle of radius ``max(scale, 1)``
+    source pixels (scale = source pixels per output pixel) around the output pixel's centre
+    ``lo + (i + 0.5) * scale``, over the pixels whose centre lies in ``bounds`` ([B, 2], default
+    the span itself: torchvision crops first), each row normalised to sum 1.
     """
-    from torchvision.ops import roi_align
+    scale = (hi - lo) / size  # [B]
+    radius = scale.clamp_min(1.0).view(-1, 1, 1)
+    out = torch.arange(size, device=lo.device, dtype=torch.float32) + 0.5
+    centre = (lo.view(-1, 1) + out * scale.view(-1, 1)).unsqueeze(2)  # [B, size, 1]
+    src = torch.arange(n, device=lo.device, dtype=torch.float32) + 0.5  # pixel centres [n]
+    w = (1 - (src - centre).abs() / radius).clamp_min_(0)  # [B, size, n]
+    a, b = (lo, hi) if bounds is None else (bounds[:, 0], bounds[:, 1])
+    w = w * ((src >= a.view(-1, 1)) & (src < b.view(-1, 1))).unsqueeze(1)
+    return w / w.sum(dim=2, keepdim=True).clamp_min_(1e-12)
 
-    rois = torch.cat(
-        [torch.arange(len(boxes), device=boxes.device, dtype=images.dtype)[:, None], boxes.to(images.dtype)], dim=1
-    )
-    return roi_align(images, rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+
+def crop_resize(
+    images: torch.Tensor,
+    boxes: torch.Tensor,
+    size: int,
+    flip: torch.Tensor | None = None,
+    bounds: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Crop ``boxes`` [B, 4] (x1, y1, x2, y2 in pixels) out of float images [B, C, H, W] and resize
+    each to ``size`` x ``size``: ``Wy @ image @ Wx^T`` with each image's :func:`resize_weights`
+    (two batched matrix products), mirrored where ``flip`` [B] (bool) is set.
+
+    The filter is torchvision's antialiased bilinear one, reading only pixels inside the box (or
+    ``bounds`` [B, 4], same layout), so padding beyond an image is never read. The mean difference
+    from torchvision's ``resized_crop`` on CIFAR images stays below 0.03 of the range
+    (tests/test_device_aug.py); measurements: benchmarks/README.md, section "Device crop-resize
+    against torchvision".
+    """
+    _, _, h, w = images.shape
+    by = None if bounds is None else bounds[:, 1::2]
+    bx = None if bounds is None else bounds[:, 0::2]
+    wy = resize_weights(boxes[:, 1], boxes[:, 3], h, size, by)  # [B, size, H]
+    wx = resize_weights(boxes[:, 0], boxes[:, 2], w, size, bx)  # [B, size, W]
+    if flip is not None:
+        wx = torch.where(flip.view(-1, 1, 1), wx.flip(1), wx)
+    rows = torch.matmul(wy.unsqueeze(1).to(images.dtype), images)  # [B, C, size, W]
+    return torch.matmul(rows, wx.transpose(1, 2).unsqueeze(1).to(images.dtype))  # [B, C, size, size]
+
+
+def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on ``device``: through pinned memory and asynchronously on CUDA (a
+    pageable copy would wait for the stream), as it is elsewhere."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+class PaddedImages:
+    """A batch of uint8 images [3, h_i, w_i] of several sizes, on the device, for :func:`crop_resize`.
+
+    The images are pasted into zero canvases [b, 3, H, W] (H, W: the largest size in the canvas);
+    :func:`crop_resize` reads only the pixels inside a box, so a box gives what it gives in a
+    tensor of that image alone. Images are sorted by size into canvases of at most ``budget``
+    elements each (one huge image does not make every canvas huge); ``sizes`` [B, 2] (h, w as
+    floats, on the device) and ``hw`` (the same on the host) stay in batch order.
+    """
+
+    def __init__(self, images: list[torch.Tensor], device: torch.device, budget: int = 1 << 27):
+        self.count, self.device = len(images), torch.device(device)
+        self.hw = hw = [tuple(im.shape[1:]) for im in images]  # (h, w) per image: host metadata, no sync
+        self.sizes = host_to_device(torch.tensor(hw, dtype=torch.float32).view(-1, 2), self.device)
+        self.chunks: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        order = sorted(range(self.count), key=lambda i: hw[i][0] * hw[i][1])
+        start = 0
+        while start < self.count:
+            end, hmax, wmax = start, 0, 0
+            while end < self.count:
+                h, w = max(hmax, hw[order[end]][0]), max(wmax, hw[order[end]][1])
+                if end > start and (end - start + 1) * 3 * h * w > budget:
+                    break
+                end, hmax, wmax = end + 1, h, w
+            self.chunks.append(self._canvas([images[i] for i in order[start:end]], hmax, wmax, order[start:end]))
+            start = end
+
+    def _canvas(self, images: list[torch.Tensor], hmax: int, wmax: int, rows: list[int]):
+        canvas = torch.zeros(len(images), 3, hmax, wmax, dtype=torch.uint8, device=self.device)
+        for b, im in enumerate(images):  # assembling the batch: one copy per image, as a collate does
+            canvas[b, :, : im.shape[1], : im.shape[2]].copy_(im, non_blocking=True)
+        whole = rows == list(range(self.count))
+        return canvas, None if whole else host_to_device(torch.tensor(rows, dtype=torch.int64), self.device)
+
+    def crop_resize(self, boxes: torch.Tensor, size: int, flip=None, bounds=None) -> torch.Tensor:
+        """:func:`crop_resize` of every image's box [B, 4] (``flip`` [B], ``bounds`` [B, 4] optional),
+        as floats in [0, 1]: [B, 3, size, size]."""
+        if len(self.chunks) == 1 and self.chunks[0][1] is None:
+            return crop_resize(self.chunks[0][0].float().div_(255), boxes, size, flip, bounds)
+        out = torch.empty(self.count, 3, size, size, device=self.device)
+        for canvas, rows in self.chunks:
+            pick = [None if t is None else t.index_select(0, rows) for t in (boxes, flip, bounds)]
+            out.index_copy_(0, rows, crop_resize(canvas.float().div_(255), pick[0], size, *pick[1:]))
+        return out

@@ -24,8 +24,10 @@ def build_loader(
     pin_memory: bool,
     persistent_workers: bool,
     prefetch_factor: int,
+    collate_fn=collate_skip,
 ) -> DataLoader:
-    """A training loader over ``batch_sampler`` (e.g. :class:`EpochBatchSampler`) with :func:`collate_skip`.
+    """A training loader over ``batch_sampler`` (e.g. :class:`EpochBatchSampler`) with ``collate_fn``
+    (:func:`collate_skip` by default).
 
     Memory is pinned only when CUDA is available; ``persistent_workers`` and ``prefetch_factor``
     apply only with ``num_workers > 0``.
@@ -33,7 +35,7 @@ def build_loader(
     return DataLoader(
         dataset,
         batch_sampler=batch_sampler,
-        collate_fn=collate_skip,
+        collate_fn=collate_fn,
         **_loader_kwargs(num_workers, pin_memory, persistent_workers, prefetch_factor),
     )
 
@@ -49,11 +51,12 @@ def eval_shard(num_samples: int, rank: int = 0, world_size: int = 1) -> range:
     return range(min(rank * size, num_samples), min((rank + 1) * size, num_samples))
 
 
-def loader_from_config(dataset: Dataset, batch_sampler, data_cfg) -> DataLoader:
+def loader_from_config(dataset: Dataset, batch_sampler, data_cfg, collate_fn=collate_skip) -> DataLoader:
     """:func:`build_loader` with the worker settings of a ``DataConfig`` (``data.*`` keys)."""
     return build_loader(
         dataset,
         batch_sampler,
+        collate_fn=collate_fn,
         num_workers=data_cfg.num_workers,
         pin_memory=data_cfg.pin_memory,
         persistent_workers=data_cfg.persistent_workers,
@@ -62,7 +65,7 @@ def loader_from_config(dataset: Dataset, batch_sampler, data_cfg) -> DataLoader:
 
 
 def build_eval_loader(
-    dataset: Dataset, batch_size: int, num_workers: int, rank: int = 0, world_size: int = 1
+    dataset: Dataset, batch_size: int, num_workers: int, rank: int = 0, world_size: int = 1, collate_fn=collate_skip
 ) -> DataLoader:
     """Every index of :func:`eval_shard` once, in order, in batches of ``batch_size`` (last one smaller).
 
@@ -73,6 +76,6 @@ def build_eval_loader(
     return DataLoader(
         dataset,
         batch_sampler=sampler,
-        collate_fn=collate_skip,
+        collate_fn=collate_fn,
         **_loader_kwargs(num_workers, True, False, 2),
     )

@@ -1,7 +1,7 @@
 """k-means and PCA for InterCLR's pseudo-labels and the ``cluster`` command.
 
 One entry point, :func:`kmeans`, returning a :class:`KMeans` (centroids, labels, squared
-distances, objective), with faiss (CPU, or every visible GPU) when importable and a pure-torch
+distances, objective), with faiss (CPU, or this process's GPU) when importable and a pure-torch
 Lloyd otherwise.
 
 InterCLR (arXiv 2008.11702) initialises the online labels (and computes offline labels every
@@ -110,10 +110,11 @@ def _kmeans_torch(
 
 
 def _kmeans_faiss(
-    x: torch.Tensor, k: int, iters: int, seed: int, spherical: bool, gpu: bool, verbose: bool
+    x: torch.Tensor, k: int, iters: int, seed: int, spherical: bool, gpu: Optional[int], verbose: bool
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """faiss.Clustering on every point; ``(centroids [k, D], labels [N], sqdist [N])`` as numpy,
-    the labels from a search of the trained index (which holds the final centroids)."""
+    the labels from a search of the trained index (which holds the final centroids). ``gpu``: the
+    CUDA device index of a flat GPU index (this process's GPU only), or None for the CPU."""
     import faiss
 
     xn = np.ascontiguousarray(x.detach().float().cpu().numpy())
@@ -125,18 +126,28 @@ def _kmeans_faiss(
     clus.verbose = verbose
     clus.max_points_per_centroid = MAX_POINTS_PER_CENTROID  # as the reference: use every point
     clus.min_points_per_centroid = 1  # tiny data sets are legitimate in tests and demos
-    index = faiss.IndexFlatL2(d)
-    if gpu:
-        # every visible GPU: the k centroids replicated on each, each assignment pass's points
-        # split between them (IndexReplicas); float32 distances, as on the CPU
-        co = faiss.GpuMultipleClonerOptions()
-        co.useFloat16 = False
-        co.shard = False
-        index = faiss.index_cpu_to_all_gpus(index, co)
+    if gpu is None:
+        index = faiss.IndexFlatL2(d)
+    else:
+        # this process's GPU alone: under torchrun every other GPU belongs to another rank (waiting
+        # in a collective, maybe in EXCLUSIVE_PROCESS mode); float32 distances, as on the CPU
+        res = faiss.StandardGpuResources()  # kept alive until the index is done
+        cfg = faiss.GpuIndexFlatConfig()
+        cfg.device = int(gpu)
+        cfg.useFloat16 = False
+        index = faiss.GpuIndexFlatL2(res, d, cfg)
     clus.train(xn, index)
     cent = faiss.vector_to_array(clus.centroids).reshape(k, d)
     sqdist, labels = index.search(xn, 1)
     return cent.copy(), labels[:, 0].astype(np.int64), np.maximum(sqdist[:, 0], 0).astype(np.float32)
+
+
+def _local_gpu(features: torch.Tensor) -> int:
+    """The CUDA device of this process: the features' GPU, else the current device (LOCAL_RANK's
+    under a distributed launch)."""
+    if features.is_cuda:
+        return int(features.device.index or 0)
+    return int(torch.cuda.current_device()) if torch.cuda.is_available() else 0
 
 
 @dataclass(frozen=True)
@@ -158,7 +169,7 @@ class KMeans:
 
     @property
     def where(self) -> str:
-        """Human-readable: ``faiss on 2 GPUs``, ``faiss on the CPU``, ``torch on cuda:0``..."""
+        """Human-readable: ``faiss on 1 GPU``, ``faiss on the CPU``, ``torch on cuda:0``..."""
         if self.backend == "torch":
             return f"torch on {self.labels.device}"
         return f"faiss on {self.gpus} GPU{'s' if self.gpus > 1 else ''}" if self.gpus else "faiss on the CPU"
@@ -185,9 +196,9 @@ def kmeans(
         iters: Lloyd iterations (reference: 20).
         seed: initialisation seed (faiss ``Clustering.seed`` / torch generator); same seed, same
             data and backend: same result.
-        use_gpu: use faiss GPU indexes, on every visible GPU, when faiss has GPU support and a
-            GPU is present (in a distributed run k-means runs on rank 0 alone, which then uses
-            the other ranks' GPUs too). The torch fallback runs on the features' device.
+        use_gpu: use a faiss GPU index on this process's GPU (the features' device, else the
+            current one) when faiss has GPU support and a GPU is present; never the other ranks'
+            GPUs. The torch fallback runs on the features' device.
         verbose: faiss progress output / per-iteration log lines for the torch fallback.
         spherical: renormalise centroids each iteration (spherical k-means).
         backend: ``auto`` (faiss if importable, else torch), ``faiss`` or ``torch``.
@@ -205,8 +216,9 @@ def kmeans(
     t0 = time.perf_counter()
     gpus = 0
     if use_faiss:
-        gpus = faiss_num_gpus() if use_gpu else 0
-        cent, lab, sq = _kmeans_faiss(features, k, iters, seed, spherical, gpus > 0, verbose)
+        gpu = _local_gpu(features) if use_gpu and faiss_num_gpus() > 0 else None
+        gpus = 0 if gpu is None else 1
+        cent, lab, sq = _kmeans_faiss(features, k, iters, seed, spherical, gpu, verbose)
         centroids, labels, sqdist = (torch.from_numpy(a).to(features.device) for a in (cent, lab, sq))
         name = "faiss-gpu" if gpus else "faiss-cpu"
     else:

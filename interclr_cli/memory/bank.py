@@ -86,16 +86,30 @@ class _BankCosine(torch.autograd.Function):
 
 
 def last_occurrence(indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Deduplicate ``indices`` [B] keeping each value's last occurrence.
+    """Resolve repeated ``indices`` [B] to each value's last occurrence, in fixed shapes.
 
-    Returns ``(unique_values [U] ascending, positions [U])`` with
-    ``indices[positions] == unique_values`` and each position the largest one holding that
-    value. Vectorised (one stable sort) and identical on every device.
+    Returns ``(values [B] ascending, positions [B])``: ``values`` is ``indices`` sorted (repeats
+    kept) and ``positions[j]`` the largest batch position holding ``values[j]``, the same for every
+    repeat. A scatter of ``data[positions]`` to rows ``values`` therefore writes identical data for
+    a repeated row, whatever order the device writes in. One stable sort and a reversed cummin: no
+    boolean-mask compaction, so no host sync (the output shape does not depend on the data).
     """
+    b = indices.numel()
     values, order = torch.sort(indices, stable=True)  # equal values keep their batch order
-    last = torch.ones_like(values, dtype=torch.bool)
-    last[:-1] = values[1:] != values[:-1]  # the last of each run of equal values
-    return values[last], order[last]
+    ar = torch.arange(b, device=indices.device)
+    is_last = torch.ones_like(values, dtype=torch.bool)
+    is_last[:-1] = values[1:] != values[:-1]  # the last of each run of equal values
+    end = torch.where(is_last, ar, torch.full_like(ar, b))  # [B] run ends, b elsewhere
+    end = torch.flip(torch.cummin(torch.flip(end, (0,)), 0).values, (0,))  # [B] next run end at or after j
+    return values, order[end]
+
+
+def run_starts(values: torch.Tensor) -> torch.Tensor:
+    """bool [B], True at the first entry of each run of equal ``values`` (sorted [B]): weights that
+    count a repeated value once."""
+    first = torch.ones_like(values, dtype=torch.bool)
+    first[1:] = values[1:] != values[:-1]
+    return first
 
 
 class MemoryBank(nn.Module):
@@ -193,4 +207,4 @@ class MemoryBank(nn.Module):
         return f"num_samples={self.num_samples}, dim={self.dim}, dtype={self.dtype}"
 
 
-__all__ = ["MemoryBank", "last_occurrence"]
+__all__ = ["MemoryBank", "last_occurrence", "run_starts"]

@@ -41,10 +41,12 @@ config ``interclr-moco_resnet50_8xb32-coslr-200e_in1k``), which this module foll
 Counts are kept in a buffer (``counts == bincount(labels, minlength=K)`` at all times) so the
 small-cluster test costs O(K), not O(N).
 
-Host syncs: :meth:`relabel` and :meth:`recompute_centroids` have none. :meth:`fix_small_clusters`
-reads one scalar (are there small clusters?) every call, and when there are, the dissolved ids,
-the member lists (``nonzero``) and the largest cluster id: that control flow is data-dependent
-by nature (the reference does the same on the host). Everything is computed from the tensors
+Host syncs: :meth:`relabel`, :meth:`recompute_centroids` and a steady-state :meth:`step` have
+none: whether clusters are small is copied to the host without waiting and read one step later,
+so a cluster that becomes small is dissolved at the next iteration (the reference checks on the
+host every iteration). :meth:`fix_small_clusters`, when it runs, reads the dissolved ids, the
+member lists (``nonzero``) and the largest cluster id: that control flow is data-dependent by
+nature (the reference does the same on the host). Everything is computed from the tensors
 on every rank identically, so ranks that see identical inputs and generator states stay identical
 without any broadcast.
 """
@@ -58,7 +60,7 @@ import torch.nn as nn
 
 from ..runtime import dist
 from . import _rng
-from .bank import last_occurrence
+from .bank import last_occurrence, run_starts
 
 # Rows per chunk when a pass touches the whole bank or many members at once.
 _CHUNK = 1 << 17
@@ -150,6 +152,13 @@ class OnlineLabels(nn.Module):
         counts = torch.zeros(num_clusters, dtype=torch.long, device=device)
         counts[0] = num_samples
         self.register_buffer("counts", counts)
+        # the number of small clusters after the last step, copied to the host without waiting and
+        # read one step later (see step); None until the first step after construction or resume
+        self._small_host = torch.zeros(1, dtype=torch.long, pin_memory=torch.cuda.is_available())
+        self._small_view = self._small_host.numpy()  # the host value, read without a tensor call
+        self._small_event: Optional[torch.cuda.Event] = None
+        self._small_known = False
+        self._fixed = torch.zeros((), dtype=torch.long, device=device)  # clusters dissolved this step
 
     # -- whole-bank operations -----------------------------------------------------------------
     def _member_sums(self, bank_features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -165,15 +174,21 @@ class OnlineLabels(nn.Module):
 
         Centroids are the member means of ``features`` as they are (the bank rows are already
         L2-normalised; the means are not renormalised, as in the reference). Empty clusters get
-        a zero centroid (and are refilled by :meth:`fix_small_clusters`).
+        a zero centroid (and are refilled by :meth:`fix_small_clusters`). With several ranks the
+        centroids are then rank 0's (one broadcast of K x D): float sums need not agree to the
+        last bit across ranks (CUDA's ``index_add_`` adds in no fixed order), and every later
+        label step must start from identical state.
         """
         labels = labels.to(self.labels.device, torch.long)
         if labels.shape != self.labels.shape:
             raise ValueError(f"labels must have shape {tuple(self.labels.shape)}")
         self.labels.copy_(labels)
         self.counts.copy_(torch.bincount(labels, minlength=self.num_clusters))
+        self._small_known = False
         self.centroids.zero_()
         self.recompute_centroids(features)
+        if dist.is_dist():
+            dist.broadcast_(self.centroids, 0)
 
     @torch.no_grad()
     def recompute_centroids(self, bank_features: torch.Tensor) -> None:
@@ -194,12 +209,12 @@ class OnlineLabels(nn.Module):
         indices = indices.to(self.labels.device)
         new = torch.argmax(feats.float() @ self.centroids.t(), dim=1)  # [B]
         changed = (new != self.labels[indices]).float().mean()
-        idx, pos = last_occurrence(indices)
+        idx, pos = last_occurrence(indices)  # [B] sorted, repeats resolved to the last one
         old, new = self.labels[idx], new[pos]
-        ones = torch.ones_like(idx)
-        self.counts.index_add_(0, old, -ones)
-        self.counts.index_add_(0, new, ones)
-        self.labels[idx] = new
+        once = run_starts(idx).long()  # a repeated sample moves once
+        self.counts.index_add_(0, old, -once)
+        self.counts.index_add_(0, new, once)
+        self.labels.index_copy_(0, idx, new)  # repeats write the same label
         return changed
 
     @torch.no_grad()
@@ -264,10 +279,14 @@ class OnlineLabels(nn.Module):
         ``iteration``: 0-based global step; ``indices`` [B] / ``feats`` [B, D]: the (gathered)
         batch and its freshly updated bank rows; ``bank_features`` [N, D]: the whole bank (after
         the update). Relabel the batch; if ``(iteration + 1) % centroid_update_every == 0``
-        recompute all centroids; then fix small clusters. Returns stat tensors: ``label_change``
+        recompute all centroids; then fix small clusters when the previous step ended with some
+        (read from a host copy staged one step earlier: no host sync in a steady-state step; a
+        cluster that a relabelling makes small is fixed at the next step, one iteration later than
+        the reference, which checks every iteration on the host). Returns stat tensors: ``label_change``
         (fraction of the batch relabelled), ``empty_clusters``, ``min_cluster_size``,
-        ``max_cluster_size``.
+        ``max_cluster_size``, ``small_clusters_fixed`` (clusters dissolved and refilled this step).
         """
+        small = self._small_after_last_step()  # the state the previous step left
         change = self.relabel(indices, feats)
         if self.centroid_update_every > 0 and (iteration + 1) % self.centroid_update_every == 0:
             self.recompute_centroids(bank_features)
@@ -275,8 +294,34 @@ class OnlineLabels(nn.Module):
                 # CUDA's float index_add_ sums in no fixed order, so ranks could drift apart by
                 # rounding: take rank 0's centroids (K x D, ~5 MB every centroid_update_every steps)
                 dist.broadcast_(self.centroids, 0)
-        self.fix_small_clusters(bank_features, generator)
-        return self.stats(change)
+        self._fixed = self._fixed.to(self.counts.device).zero_()
+        if small:
+            self._fixed.fill_(self.fix_small_clusters(bank_features, generator))
+        self._stage_small_count()
+        return {**self.stats(change), "small_clusters_fixed": self._fixed.clone()}
+
+    def _small_after_last_step(self) -> bool:
+        """Were clusters small after the previous step (= at the start of this one)? Read from the
+        host copy that step staged (its CUDA copy is a step old: the event has long completed), so a
+        steady-state step never waits for the device; the first step after construction, resume or
+        :meth:`init` counts directly. A function of the label state: every rank takes the same branch."""
+        if self.min_cluster_size <= 0:
+            return False
+        if not self._small_known:
+            return bool((self.counts < self.min_cluster_size).any())  # once, not in steady state
+        if self._small_event is not None:
+            self._small_event.synchronize()
+        return int(self._small_view[0]) > 0
+
+    def _stage_small_count(self) -> None:
+        if self.min_cluster_size <= 0:
+            return
+        n_small = (self.counts < self.min_cluster_size).sum().view(1)
+        self._small_host.copy_(n_small, non_blocking=self.counts.is_cuda)
+        if self.counts.is_cuda:
+            self._small_event = torch.cuda.Event()
+            self._small_event.record()
+        self._small_known = True
 
     def stats(self, label_change: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
         """Scalar tensors ``empty_clusters``, ``min_cluster_size``, ``max_cluster_size`` (from

@@ -165,21 +165,13 @@ def _cumsum_int32(mask: torch.Tensor, out: Optional[torch.Tensor] = None) -> tor
     return out.copy_(mask).cumsum_(dim=1)
 
 
-def _all_true(ok: torch.Tensor) -> bool:
-    """``ok.all()`` where it is free (CPU tensors: no host/device boundary); on accelerators
-    always False, so the caller takes its fixed-shape path and never syncs."""
-    return ok.device.type == "cpu" and bool(ok.all())
-
-
 def _fill_invalid(idx: torch.Tensor, ok: torch.Tensor, m: int, generator: Optional[torch.Generator]) -> Negatives:
     """Return [B, m] from ``idx`` [B, k] (k <= m): admissible slots (``ok`` [B, k]) are kept, the
     others (and the k..m-1 missing ones) get a uniform pick among the row's admissible slots
     (i.e. repeats: draws with replacement for rows short of admissible entries). ``valid`` is
-    False for rows without any admissible slot. Fixed shapes, O(B m); on CPU the common case
-    (every slot admissible) returns at once."""
+    False for rows without any admissible slot. Fixed shapes, O(B m), the same work whatever the
+    data (no host read to skip the common all-admissible case)."""
     b, k = idx.shape
-    if k == m and _all_true(ok):
-        return Negatives(idx, torch.ones_like(ok))
     if k < m:  # pad with copies flagged inadmissible, so they are redrawn
         reps = -(-m // k)
         idx = idx.repeat(1, reps)[:, :m]

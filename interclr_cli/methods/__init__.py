@@ -19,7 +19,19 @@ def _interclr():
     return InterCLR
 
 
-METHODS = {"mocov2": _mocov2, "interclr": _interclr}
+def _npid():
+    from .npid import NPID
+
+    return NPID
+
+
+def _invp():
+    from .invp import InvP
+
+    return InvP
+
+
+METHODS = {"mocov2": _mocov2, "interclr": _interclr, "npid": _npid, "invp": _invp}
 
 
 def build_method(cfg: Config, num_samples: int) -> Method:

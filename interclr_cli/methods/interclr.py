@@ -23,6 +23,7 @@ One step (B = batch, D = 128, N = data set size, M = negatives, P = pool; shapes
     L_inter = MarginNCE(q.v_p, q.v_n; tau = inter.temperature, m = inter.margin, margin_type)
   L = intra.weight * L_intra + inter.weight * L_inter     (L = L_intra during inter.warmup_epochs,
                                                             intra weight 1 as in InterCLRHook)
+      + cld.weight * L_CLD(group features of both views)   (the CLD add-on, methods/cld.py)
   after the optimizer step, on the batch all-gathered over ranks:
     theta_k <- m theta_k + (1 - m) theta_q; enqueue k           (MoCo Eq. 2; moco only)
     v_i <- normalize((1 - m_b) v_i + m_b normalize(k_i))         (bank; NPID: the query instead)
@@ -38,7 +39,6 @@ broadcasting the bank (only the initial k-means labels, N int64, are broadcast o
 
 from __future__ import annotations
 
-import contextlib
 from typing import Callable, Optional
 
 import torch
@@ -46,11 +46,13 @@ import torch.nn.functional as F
 
 from ..config.schema import Config
 from ..eval.clustering import kmeans
-from ..losses import margin_nce
+from ..losses import fp32, margin_nce
 from ..memory import LabelIndex, MemoryBank, OnlineLabels, _rng, sample_negatives, sample_positives
+from ..models.split_bn import split_batchnorm
 from ..runtime import dist
 from .base import TrainContext
 from .mocov2 import MoCoV2
+from .npid import npid_loss
 
 
 def effective_num_clusters(num_clusters: int, num_samples: int, min_cluster_size: int, online: bool) -> int:
@@ -71,14 +73,6 @@ def effective_pool_size(pool_size: int, pool_fraction: float, num_samples: int) 
     return max(1, min(int(p), num_samples))
 
 
-def _no_autocast(device: torch.device):
-    """The bank arithmetic stays in float32 even inside a bf16 autocast region."""
-    try:
-        return torch.autocast(device.type, enabled=False)
-    except RuntimeError:  # a device type without autocast support
-        return contextlib.nullcontext()
-
-
 class InterCLR(MoCoV2):
     def __init__(self, cfg: Config, num_samples: int):
         super().__init__(cfg, num_samples)
@@ -86,7 +80,9 @@ class InterCLR(MoCoV2):
         intra, inter = mc.intra, mc.inter
         self.intra_cfg, self.inter_cfg = intra, inter
         self.npid = intra.kind == "npid"
-        if self.npid:  # NPID needs no key encoder and no queue
+        if self.npid:  # NPID needs no key encoder (no key BatchNorm to protect) and no queue
+            split_batchnorm(self.encoder_q, 1)
+            self.key_bn, self.bn_groups = "none", 1
             del self.encoder_k
             del self.queue
             del self.queue_ptr
@@ -112,45 +108,41 @@ class InterCLR(MoCoV2):
 
     # -- random generators (extra_state) ---------------------------------------------------------
     def _gen(self, name: str) -> torch.Generator:
-        """Three generators:
+        """Two generators on the bank's device:
 
-        * ``stream`` (CPU, identically seeded on every rank): draws one 63-bit seed per step;
-        * ``sample`` (on the bank's device): reseeded every step with that seed + the rank, and
-          used for positives, negatives and NPID negatives, so ranks draw independent samples;
-        * ``label`` (on the bank's device, identical on every rank): small-cluster splits (the
-          label step must stay identical across ranks).
-
-        ``stream`` and ``label`` advance identically on every rank, so the checkpoint (written by
-        rank 0) restores every rank exactly; ``sample`` needs no saving.
+        * ``sample``: reseeded every step from :func:`~interclr_cli.memory._rng.step_seed` of
+          (seed, step, rank), and used for positives, negatives and NPID negatives, so ranks draw
+          independent samples and a resumed run redraws the same ones (nothing to save);
+        * ``label`` (identical on every rank): small-cluster splits (the label step must stay
+          identical across ranks); it advances identically on every rank, so the checkpoint
+          (written by rank 0) restores every rank exactly.
         """
         if name not in self._gens:
-            device = torch.device("cpu") if name == "stream" else self.bank.features.device
-            g = torch.Generator(device=device)
-            g.manual_seed(self.cfg.seed * 1000 + {"stream": 17, "sample": 29, "label": 7}[name])
+            g = torch.Generator(device=self.bank.features.device)
+            g.manual_seed(self.cfg.seed * 1000 + {"sample": 29, "label": 7}[name])
             self._gens[name] = g
         return self._gens[name]
 
-    def _next_sample_gen(self) -> torch.Generator:
-        """Reseed the sampling generator for this step (no host sync: the seed is drawn on CPU)."""
-        seed = int(torch.randint(0, 2**62, (1,), generator=self._gen("stream")))
+    def _next_sample_gen(self, step: int) -> torch.Generator:
+        """Reseed the sampling generator for this step (Python integers only: no tensor is read)."""
         g = self._gen("sample")
-        g.manual_seed(seed + 1_000_003 * dist.rank())
+        g.manual_seed(_rng.step_seed(self.cfg.seed, step, dist.rank()))
         return g
 
     def extra_state(self) -> dict[str, torch.Tensor]:
-        """The sampling stream's and the label generator's states (uint8 tensors)."""
-        return {"sample_generator": self._gen("stream").get_state(), "label_generator": self._gen("label").get_state()}
+        """The label generator's and the key shuffle's states (uint8 tensors)."""
+        return {**super().extra_state(), "label_generator": self._gen("label").get_state()}
 
     def load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        for key, name in (("sample_generator", "stream"), ("label_generator", "label")):
-            state = tensors.get(key)
-            if state is None:
-                continue
-            g = self._gen(name)
-            try:
-                g.set_state(state.cpu().to(torch.uint8))
-            except RuntimeError:  # saved on another device type: a fresh stream seeded from it
-                g.manual_seed(int(state.to(torch.int64).sum()))
+        super().load_extra_state(tensors)
+        state = tensors.get("label_generator")
+        if state is None:
+            return
+        g = self._gen("label")
+        try:
+            g.set_state(state.cpu().to(torch.uint8))
+        except RuntimeError:  # saved on another device type: a fresh stream seeded from it
+            g.manual_seed(int(state.to(torch.int64).sum()))
 
     # -- initialisation ------------------------------------------------------------------------
     @torch.no_grad()
@@ -196,6 +188,7 @@ class InterCLR(MoCoV2):
         self.labels_epoch.fill_(epoch)
 
     def on_train_start(self, ctx: TrainContext) -> None:
+        super().on_train_start(ctx)
         if self.num_clusters != self.inter_cfg.num_clusters:
             ctx.log(
                 f"interclr: {self.num_clusters} clusters instead of {self.inter_cfg.num_clusters} "
@@ -251,27 +244,27 @@ class InterCLR(MoCoV2):
 
     def npid_loss(self, q: torch.Tensor, idx: torch.Tensor, sim: Optional[torch.Tensor]) -> torch.Tensor:
         """NPID as InfoNCE: positive = the sample's own bank row, negatives = uniform bank rows."""
-        ic = self.intra_cfg
-        neg_idx = _rng.randint(self.num_samples, (q.shape[0], ic.npid_negatives), self._gen("sample"), q.device)
-        pos_cos = self.bank.cosine(q, idx.unsqueeze(1), sim).squeeze(1)  # [B]
-        neg_cos = self.bank.cosine(q, neg_idx, sim)  # [B, M']
-        return margin_nce(pos_cos, neg_cos, ic.npid_temperature, ic.margin)
+        ic = self.intra_cfg  # the one NPID loss (methods/npid.py)
+        return npid_loss(self.bank, q, idx, ic.npid_negatives, ic.npid_temperature, self._gen("sample"), sim, ic.margin)
 
     def training_step(self, batch, step, epoch):
         idx = batch["index"]
-        q_raw = self.encoder_q(batch["view1"])
-        q = F.normalize(q_raw, dim=1)  # [B, D]
+        if self.cld is not None:  # the CLD add-on (methods/cld.py): view 1's group features too
+            z, g1 = self.cld.encode(self.encoder_q, batch["view1"])
+        else:
+            z = self.encoder_q(batch["view1"])
+        q = F.normalize(z.float(), dim=1)  # [B, D] float32
         warmup = epoch < self.inter_cfg.warmup_epochs
         use_inter = not warmup and self.inter_cfg.weight != 0
-        self._next_sample_gen()  # per-rank sampling seed for this step, from the saved stream
+        self._next_sample_gen(step)  # per-rank sampling seed for this step
         if not self.npid:  # MoCo v2 intra branch, exactly as MoCoV2 (under the engine's autocast)
             k = self.compute_keys(batch["view2"])  # [B, D]
             l_intra = self.intra_loss(q, k)
             self._pending_keys = k
             bank_keys = k
         # the bank side in float32 (similarities, sampling, MarginNCE), whatever the precision
-        with _no_autocast(q.device):
-            qf = F.normalize(q_raw.float(), dim=1)  # [B, D]
+        with fp32(q.device):
+            qf = q
             need_sim = (use_inter and self.inter_cfg.neg_sampling != "random") or self.npid
             sim = self._similarity(qf) if need_sim else None  # [B, N]
             if self.npid:
@@ -284,6 +277,10 @@ class InterCLR(MoCoV2):
                 loss = self.intra_cfg.weight * l_intra + self.inter_cfg.weight * l_inter
             else:  # warm-up: intra only with weight 1, as InterCLRHook sets it
                 loss = l_intra if warmup else self.intra_cfg.weight * l_intra
+        if self.cld is not None:  # + lambda L_CLD; view 2 is encoded for the group branch only
+            l_cld, cld_logs = self.cld.loss(g1, self.cld.encode(self.encoder_q, batch["view2"])[1])
+            loss = loss + self.cld.weight * l_cld
+            logs.update(cld_logs)
         self._pending_bank = (idx, bank_keys)
         logs.update(self._label_stats)  # from the previous step's label maintenance
         return loss, logs

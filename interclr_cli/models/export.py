@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import pickle
 import re
 import warnings
@@ -20,9 +19,9 @@ from typing import Iterator, Sequence
 
 import torch
 import torch.nn as nn
-from safetensors.torch import save as safetensors_save
 
 from ..errors import UserError, WorkError
+from ..runtime.safefile import atomic_target, atomic_write_bytes, write_tensors
 from . import FEATURE_DIMS, torchvision_resnet
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -46,37 +45,6 @@ _BLOCKS_TO_ARCH = {
     ((3, 4, 6, 3), False): "resnet34",
     ((3, 4, 6, 3), True): "resnet50",
 }
-
-
-# ----------------------------------------------------------------------------- atomic writes
-
-
-@contextlib.contextmanager
-def _atomic_target(out: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``out``; on success fsync it and move it onto ``out``."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-        with contextlib.suppress(OSError):  # make the rename durable where directories can be opened
-            fd = os.open(out.parent, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-
-
-def _atomic_write_bytes(out: Path, data: bytes) -> None:
-    with _atomic_target(out) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(data)
 
 
 # ----------------------------------------------------------------------------- torchvision export
@@ -238,7 +206,8 @@ def write_torchvision_export(
     ``strict=True``; without it only ``fc.weight`` and ``fc.bias`` are missing. Evaluation
     preprocessing: resize the shorter side to ``resize`` (default image_size / 0.875, or
     image_size for the small stem), centre-crop ``image_size``, scale to [0, 1], normalise.
-    Both files are written atomically (temporary file, fsync, rename). Returns the JSON path.
+    Both files are written atomically (temporary file, fsync, rename); the safetensors metadata also
+    carries ``interclr.digest`` (:mod:`interclr_cli.runtime.safefile`). Returns the JSON path.
     """
     out = Path(out)
     if out.suffix != ".safetensors":
@@ -254,9 +223,9 @@ def write_torchvision_export(
         "arch": arch,
         "small_stem": str(bool(small_stem)).lower(),
     }
-    _atomic_write_bytes(out, safetensors_save(tensors, metadata=st_meta))
+    write_tensors(out, tensors, st_meta)
     json_path = out.with_suffix(".json")
-    _atomic_write_bytes(json_path, (json.dumps(meta, indent=2, default=str) + "\n").encode("utf-8"))
+    atomic_write_bytes(json_path, (json.dumps(meta, indent=2, default=str) + "\n").encode("utf-8"))
     return json_path
 
 
@@ -284,7 +253,7 @@ def export_torchscript(module: nn.Module, example: torch.Tensor, out: Path, *, a
         diff = (traced(example) - module(example)).abs().max().item()
         if not diff <= atol:
             raise WorkError(f"the TorchScript trace differs from the model by {diff:.3g}; export to ONNX instead")
-        with _atomic_target(Path(out)) as tmp:
+        with atomic_target(Path(out)) as tmp:
             traced.save(str(tmp))
     return Path(out)
 
@@ -297,7 +266,7 @@ def export_onnx(module: nn.Module, example: torch.Tensor, out: Path, opset: int 
     with _eval_mode(module), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", FutureWarning)
-        with _atomic_target(Path(out)) as tmp:
+        with atomic_target(Path(out)) as tmp:
             torch.onnx.export(
                 module,
                 (example,),

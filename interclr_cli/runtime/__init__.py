@@ -1,2 +1,3 @@
 """Process-level plumbing: torch.distributed (dist, launch, ddp, shuffle-BN), device and precision
-selection, and the progress display. Imports nothing else of interclr but ``errors``."""
+selection, the progress display, and safetensors files with digests (safefile). Imports nothing
+else of interclr but ``errors``."""

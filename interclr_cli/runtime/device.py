@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
+import subprocess
 
 import torch
 
@@ -12,11 +14,39 @@ from ..errors import UserError
 log = logging.getLogger("interclr")
 
 
+def nvidia_smi_gpus() -> int:
+    """How many GPUs ``nvidia-smi -L`` lists (0 without the tool, or when it fails)."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return 0
+    try:
+        out = subprocess.run([exe, "-L"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(line.startswith("GPU ") for line in out.splitlines())
+
+
+def _unusable_gpu_error(gpus: int) -> UserError:
+    """nvidia-smi sees GPUs that this torch cannot use: say which torch it is and what to do."""
+    build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+    return UserError(
+        f"nvidia-smi lists {gpus} GPU(s) but torch {torch.__version__} ({build}) cannot use them "
+        "(a CPU-only torch, or a CUDA build newer than the driver: compare `nvidia-smi` with torch.version.cuda); "
+        "install the torch build for your driver (https://pytorch.org/get-started/locally/), "
+        "or set device=cpu to train on the CPU"
+    )
+
+
 def select_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when available, else the CPU (with a warning that it will be slow)."""
+    """``auto`` picks CUDA when available, else the CPU (with a warning that it will be slow); a
+    one-line error instead when ``nvidia-smi`` lists GPUs that torch cannot use (a long run must not
+    start on the CPU by accident)."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", torch.cuda.current_device())
+        gpus = nvidia_smi_gpus()
+        if gpus:
+            raise _unusable_gpu_error(gpus)
         log.warning("no GPU found: running on the CPU, which will be slow (set device=cpu to silence this)")
         return torch.device("cpu")
     if name.startswith("cuda"):

@@ -12,7 +12,7 @@ Supported launchers:
 
 Backend: with a CUDA device visible, ``cpu:gloo,cuda:nccl`` (NCCL for GPU tensors, gloo for the
 odd CPU tensor; each rank uses GPU ``LOCAL_RANK`` modulo the visible count), otherwise ``gloo``.
-``INTERCLR_DIST_BACKEND`` overrides it; ``INTERCLR_DIST_TIMEOUT`` (minutes, default 30) bounds how
+``INTERCLR_DIST_BACKEND`` overrides it (a plain ``nccl`` keeps gloo for CPU tensors); ``INTERCLR_DIST_TIMEOUT`` (minutes, default 30) bounds how
 long a rank waits for the others in a collective.
 
 A world of one (``torchrun --nproc-per-node 1``) runs as a plain process.
@@ -103,8 +103,14 @@ def detect(env: Optional[dict] = None) -> Optional[LaunchInfo]:
 
 
 def default_backend() -> str:
-    """``INTERCLR_DIST_BACKEND`` if set, else ``cpu:gloo,cuda:nccl`` with CUDA visible, else ``gloo``."""
+    """``INTERCLR_DIST_BACKEND`` if set, else ``cpu:gloo,cuda:nccl`` with CUDA visible, else ``gloo``.
+
+    A plain ``nccl`` becomes ``cpu:gloo,cuda:nccl``: some collectives carry CPU tensors (object
+    broadcasts, host-side permutations), which NCCL cannot move."""
     forced = os.environ.get("INTERCLR_DIST_BACKEND", "").strip()
+    if forced == "nccl":
+        log.info("INTERCLR_DIST_BACKEND=nccl: using cpu:gloo,cuda:nccl (CPU tensors need gloo)")
+        return "cpu:gloo,cuda:nccl"
     if forced:
         return forced
     if torch.cuda.is_available():

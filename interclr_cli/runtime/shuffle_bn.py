@@ -11,8 +11,10 @@ the images another rank needs (one uneven ``all_to_all_single`` each way), which
 the same as in the reference: rank ``s`` runs the images at positions ``perm[s*B:(s+1)*B]`` of
 the global batch (BatchNorm does not depend on their order).
 
-The permutation is drawn from the global CPU generator on every rank (so the ranks' generators
-stay in lockstep and resume restores it) and broadcast from rank 0, so it cannot silently differ.
+The permutation is built on the host: callers draw it from a CPU generator seeded identically on
+every rank (and saved with the method, so resume restores it), or it is drawn from the global CPU
+generator and broadcast from rank 0. The split sizes are computed on the host too, so the step
+reads nothing back from the device.
 """
 
 from __future__ import annotations
@@ -23,12 +25,10 @@ import torch.distributed as tdist
 from . import dist
 
 
-def global_permutation(n: int, device: torch.device) -> torch.Tensor:
-    """A permutation of ``range(n)`` [n] on ``device``, drawn from the global CPU generator and
-    broadcast from rank 0."""
-    perm = torch.randperm(n)  # CPU generator: identical on every rank, saved in checkpoints
-    perm = perm.to(device)
-    return dist.broadcast_(perm, 0)
+def global_permutation(n: int) -> torch.Tensor:
+    """A permutation of ``range(n)`` [n] on the CPU, drawn from the global CPU generator and
+    broadcast from rank 0 (through the process group's CPU backend)."""
+    return dist.broadcast_(torch.randperm(n), 0)
 
 
 def assignment(perm: torch.Tensor, batch: int, world: int) -> torch.Tensor:
@@ -42,20 +42,21 @@ def assignment(perm: torch.Tensor, batch: int, world: int) -> torch.Tensor:
 def shuffled_forward(encoder: torch.nn.Module, x: torch.Tensor, perm: torch.Tensor | None = None) -> torch.Tensor:
     """``encoder(x)`` [B, ...] with batch statistics from a random cross-rank subset of the global batch.
 
-    Every rank must pass the same batch size. Without distribution this is ``encoder(x)``.
+    ``perm`` [W*B]: a CPU permutation of the global batch, identical on every rank (default: drawn
+    and broadcast by :func:`global_permutation`). Every rank must pass the same batch size.
+    Without distribution this is ``encoder(x)``.
     """
     world = dist.world_size()
     if world == 1:
         return encoder(x)
     b, r = x.shape[0], dist.rank()
-    if perm is None:
-        perm = global_permutation(b * world, x.device)
-    dest = assignment(perm, b, world)
+    perm = global_permutation(b * world) if perm is None else perm.cpu()
+    dest = assignment(perm, b, world)  # [W*B] on the host
     mine = dest[r * b : (r + 1) * b]
     order = torch.argsort(mine, stable=True)  # my rows grouped by destination rank
-    send_counts = torch.bincount(mine, minlength=world)
-    recv_counts = torch.stack([(dest[s * b : (s + 1) * b] == r).sum() for s in range(world)])
-    send_split, recv_split = send_counts.tolist(), recv_counts.tolist()
+    send_split = torch.bincount(mine, minlength=world).tolist()  # host tensors: no device sync
+    recv_split = (dest.view(world, b) == r).sum(1).tolist()
+    order = order.to(x.device, non_blocking=True)
 
     x_send = x[order].contiguous()
     x_recv = x.new_empty((sum(recv_split),) + tuple(x.shape[1:]))
@@ -64,7 +65,4 @@ def shuffled_forward(encoder: torch.nn.Module, x: torch.Tensor, perm: torch.Tens
     y_recv = encoder(x_recv).contiguous()
     y_back = y_recv.new_empty((b,) + tuple(y_recv.shape[1:]))
     tdist.all_to_all_single(y_back, y_recv, output_split_sizes=send_split, input_split_sizes=recv_split)
-
-    out = torch.empty_like(y_back)
-    out[order] = y_back
-    return out
+    return torch.empty_like(y_back).index_copy_(0, order, y_back)

@@ -4,7 +4,8 @@ Tensor names are dotted paths: ``model.<state_dict key>`` (encoders, heads, queu
 ``optim.state.<param index>.<name>`` (e.g. ``momentum_buffer``), ``method.<name>`` (extra state
 a method registers, such as a sampling generator) and ``rng.*``. The metadata (string to string,
 as safetensors requires) holds JSON: the resolved config, epoch, global step, optimizer
-hyper-parameters, Python/NumPy RNG states and the format version.
+hyper-parameters, Python/NumPy RNG states and the format version, plus ``interclr.digest``
+(a SHA-256 of the tensor data, checked on every load; see :mod:`interclr_cli.runtime.safefile`).
 """
 
 from __future__ import annotations
@@ -13,71 +14,45 @@ import json
 import os
 import random
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from ..errors import UserError
+from ..runtime.safefile import read_tensors, write_tensors
 
 FORMAT = "interclr-checkpoint"
 FORMAT_VERSION = 1
 EXPORT_FORMAT = "interclr-export"
 
 
-def atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """Write a safetensors file via a temporary file in the same folder, fsync, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # safetensors needs contiguous, non-shared CPU tensors
-    clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(clean, tmp, metadata=metadata)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    try:  # make the rename durable
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+def atomic_save(
+    tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str], *, kept: str | None = None
+) -> int:
+    """Write a safetensors file with its digest, atomically (temporary file beside it, fsync,
+    rename; see :func:`interclr_cli.runtime.safefile.write_tensors`); returns its size in bytes.
+    A full disk or an unwritable folder is a one-line StorageError (exit 1) saying what is kept."""
+    return write_tensors(Path(path), tensors, metadata, kept=kept)
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Load every tensor and the metadata; any unreadable file is a one-line UserError."""
+    """Load every tensor and the metadata, the digest checked (unless ``--no-verify``); any
+    unreadable or damaged file is a one-line UserError."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"checkpoint {path} does not exist; check the path")
     if path.is_dir():
         raise UserError(f"checkpoint {path} is a folder; give a .safetensors file (or use --resume with a run folder)")
-    try:
-        from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
-        raise UserError(
+    def unreadable(reason: str) -> UserError:
+        return UserError(
             f"{path} is not a readable safetensors checkpoint (truncated or another format: {reason}); "
             "use a file written by interclr, or convert it with `interclr export --from-moco/--from-torchvision`"
-        ) from None
-    return tensors, meta
+        )
+
+    return read_tensors(path, on_error=unreadable)
 
 
 # --- RNG states -------------------------------------------------------------------------------
@@ -181,7 +156,9 @@ def save_training_checkpoint(
         "rng": json.dumps(rng_meta),
         "info": json.dumps(info or {}),
     }
-    atomic_save(tensors, path, meta)
+    earlier = [c for c in list_checkpoints(Path(path).parent) if c.name != Path(path).name]
+    kept = f"the previous checkpoint {earlier[-1]} is kept" if earlier else "no earlier checkpoint exists"
+    atomic_save(tensors, path, meta, kept=kept)
 
 
 class TrainingCheckpoint:
@@ -236,9 +213,20 @@ def list_checkpoints(folder: Path) -> list[Path]:
     return [p for _, _, p in sorted(found)]
 
 
+_TMP_RE = re.compile(r"^\.ckpt-e\d+-s\d+\.safetensors\.(\d+)\.tmp$")
+
+
 def prune_checkpoints(folder: Path, keep_last: int) -> None:
+    """Keep the newest ``keep_last`` checkpoints; also remove temporary files that another
+    (killed) process left half-written (only one process writes a run's checkpoints)."""
+    folder = Path(folder)
     ckpts = list_checkpoints(folder)
-    for p in ckpts[: max(0, len(ckpts) - keep_last)]:
+    stale = []
+    for p in folder.iterdir() if folder.is_dir() else []:
+        m = _TMP_RE.match(p.name)
+        if m and int(m.group(1)) != os.getpid():
+            stale.append(p)
+    for p in ckpts[: max(0, len(ckpts) - keep_last)] + stale:
         try:
             p.unlink()
         except OSError:

@@ -14,11 +14,13 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from ..data import ImageDataset, aug_seeds, build_eval_loader, eval_transform
+from ..data import ImageDataset, aug_seeds, build_eval_loader, collate_skip, eval_transform
+from ..data.decode import DeviceEvalTransform, collate_encoded
 from ..data.loader import eval_shard
 from ..data.sources import FileIndex
 from ..runtime import dist
 from ..runtime.device import autocast, memory_format
+from .autochoice import channels_last_on, extraction_precision
 
 
 def rng_neutral_iter(loader):
@@ -80,17 +82,20 @@ def extract(
     aug_seed: Optional[int] = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Run ``fns`` over every image; returns (list of feature tensors [N, D_i] on ``device``,
-    labels [N]). Corrupt images give zero rows (and are reported by the data layer).
+    labels [N]). Corrupt images give zero rows (and are reported by the data layer). A
+    :class:`~interclr_cli.data.decode.DeviceEvalTransform` decodes each batch on ``device``.
 
     ``aug_seed`` (for a random ``transform``, e.g. an augmented copy): image ``i`` is transformed
     with a seed that is a function of ``(aug_seed, i)``, so the pass does not depend on the number
     of ranks or workers; without it a random transform draws from the global RNG.
     """
-    ds = ImageDataset(index, transform, views=1)
+    on_device = isinstance(transform, DeviceEvalTransform)  # data.decode=device: workers read bytes
+    ds = transform.dataset(index) if on_device else ImageDataset(index, transform, views=1)
     if aug_seed is not None:
         ds = _SeededItems(ds, aug_seed)
     world, rank = dist.world_size(), dist.rank()
-    loader = build_eval_loader(ds, batch_size, num_workers, rank=rank, world_size=world)
+    collate = collate_encoded if on_device else collate_skip
+    loader = build_eval_loader(ds, batch_size, num_workers, rank=rank, world_size=world, collate_fn=collate)
     n = len(index)
     shard = eval_shard(n, rank, world)
     rows = -(-n // world) if world > 1 else n  # every shard padded to the same row count
@@ -98,6 +103,7 @@ def extract(
     task = reporter.task(description, total=len(loader)) if reporter is not None else None
     fmt = memory_format(channels_last)
     for batch in rng_neutral_iter(loader):
+        batch = transform.decode(batch, device) if on_device else batch
         if batch["index"].numel() == 0:
             continue
         x = batch["image"].to(device, non_blocking=True).to(memory_format=fmt)
@@ -128,6 +134,11 @@ def extract(
     return outs, labels
 
 
+def default_eval_transform(data_cfg):
+    """The evaluation transform: decoded on the device with ``data.decode=device``, else PIL's."""
+    return DeviceEvalTransform(data_cfg) if data_cfg.decode == "device" else eval_transform(data_cfg)
+
+
 def extract_with_config(
     fns: Callable,
     index: FileIndex,
@@ -139,17 +150,18 @@ def extract_with_config(
     aug_seed: Optional[int] = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """:func:`extract` with the config's batch size (``eval.feature_batch_size``), workers,
-    precision and memory format, and its evaluation transform unless ``transform`` is given:
-    sharded across the ranks of a distributed run, every rank gets every row in order."""
+    precision (``eval.precision``; ``auto``: the resolved ``train.precision``) and memory format,
+    and its evaluation transform unless ``transform`` is given: sharded across the ranks of a
+    distributed run, every rank gets every row in order."""
     return extract(
         fns,
         index,
-        transform if transform is not None else eval_transform(cfg.data),
+        transform if transform is not None else default_eval_transform(cfg.data),
         device=device,
         batch_size=cfg.eval.feature_batch_size,
         num_workers=cfg.data.num_workers,
-        precision=cfg.train.precision,
-        channels_last=cfg.train.channels_last,
+        precision=extraction_precision(cfg, device),
+        channels_last=channels_last_on(cfg, device),
         reporter=reporter,
         description=description,
         aug_seed=aug_seed,

@@ -13,8 +13,14 @@ everything around the step, identically for every command:
   loop spent blocked on the loader;
 - the non-finite loss check, at every logging step and at the end of every epoch (the only host
   syncs: one all-reduce per ``train.log_every`` steps, one per epoch);
-- ``metrics.jsonl`` records (``type: step`` every ``train.log_every`` steps, ``type: epoch``),
-  the progress bar and the epoch summary line;
+- ``metrics.jsonl`` records (``type: step`` every ``train.log_every`` steps, ``type: epoch``;
+  a task's histograms add ``<name>_min/_median/_max`` to the epoch record), mirrored into
+  TensorBoard event files (:mod:`~interclr_cli.training.tblog`, ``log.tensorboard``) with the
+  histograms themselves;
+- ``status.json`` (:mod:`~interclr_cli.training.runstatus`): running with a heartbeat, finished
+  or failed, which ``interclr runs`` reads;
+- the progress display: a bar for the whole run (steps, loss, lr, img/s, data wait and the
+  run's ETA at the session's average pace) and one per epoch; the epoch summary line;
 - checkpoint cadence: every ``train.ckpt_every`` epochs, every ``train.ckpt_every_steps``
   steps within an epoch, and always at the end; the last ``train.keep_last`` are kept.
 
@@ -37,11 +43,13 @@ from ..config.loader import to_mapping
 from ..config.schema import Config
 from ..errors import WorkError
 from ..runtime import dist
-from ..runtime.progress import Reporter
+from ..runtime.progress import Reporter, format_seconds, run_eta
 from .checkpoint import checkpoint_name, prune_checkpoints, save_training_checkpoint
 from .features import rng_neutral_iter
 from .optim import lr_factor, set_lr
 from .rundir import MetricsLog
+from .runstatus import RunStatus
+from .tblog import histogram_stats, open_tensorboard
 
 log = logging.getLogger("interclr")
 
@@ -96,6 +104,11 @@ class StepTask:
         """Extra fields for a ``type: step`` record (e.g. the head's learning rate)."""
         return {}
 
+    def histograms(self) -> dict[str, torch.Tensor]:
+        """Tensors whose distribution is logged after every epoch (rank 0; e.g. InterCLR's
+        cluster sizes): TensorBoard histograms, and their min/median/max in the epoch record."""
+        return {}
+
     def end_epoch(self, record: dict, last: bool) -> tuple[dict, str]:
         """After an epoch (``last``: the run ends with it), given its record so far (``epoch``
         done, ``step``, ``loss``, ``lr``, ``img_per_s``, ``seconds``, ``data_wait``, ``skipped``):
@@ -145,6 +158,12 @@ class TrainLoop:
         self.total_steps = self.steps_per_epoch * cfg.train.epochs  # the schedule's length
         self.limit = min(self.total_steps, cfg.train.max_steps) if cfg.train.max_steps else self.total_steps
         self.last_ckpt: Optional[Path] = None
+        self.run_dir = Path(metrics.path).parent
+        self.status = RunStatus(self.run_dir, task.label, self.limit, cfg.train.epochs)
+        self.status.start()
+        self.tb = None
+        self.run_bar = None
+        self.clock = (time.perf_counter(), 0)  # (wall time, global step) when the session started
 
     # -- checkpoints ----------------------------------------------------------------------------
     def save(self, pos: Position) -> Optional[Path]:
@@ -183,12 +202,41 @@ class TrainLoop:
         self.last_ckpt = last_checkpoint
         if pos.step_in_epoch >= self.steps_per_epoch:  # a checkpoint written at the end of an epoch
             pos = Position(pos.epoch + 1, pos.step, 0)
+        self._open_session(pos)
         skipped = 0
         done = pos.step >= self.limit
-        while pos.epoch < self.cfg.train.epochs and not done:
-            epoch_skipped, done = self._epoch(pos)
-            skipped += epoch_skipped
+        try:
+            while pos.epoch < self.cfg.train.epochs and not done:
+                epoch_skipped, done = self._epoch(pos)
+                skipped += epoch_skipped
+        except BaseException as e:
+            self.status.fail(str(e) or type(e).__name__)
+            raise
+        finally:
+            self._close_session()
+        self.status.finish(pos.epoch, pos.step)
         return LoopResult(pos, self.last_ckpt, skipped)
+
+    def _open_session(self, pos: Position) -> None:
+        """TensorBoard from ``pos.step`` on (a fresh run first mirrors the records already in
+        metrics.jsonl: the initial monitors), the clock of the run's ETA, the whole-run bar."""
+        self.tb = open_tensorboard(self.cfg.log.tensorboard, self.run_dir, pos.step)
+        if self.tb is not None and pos.step == 0:
+            self.tb.replay(self.metrics.path)
+        self.clock = (time.perf_counter(), pos.step)
+        self.run_bar = self.reporter.task(self.task.label, total=self.limit, completed=pos.step)
+        self.status.beat(pos.epoch, pos.step, force=True)
+
+    def _close_session(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+        self.reporter.finish(self.run_bar)
+
+    def eta(self, step: int) -> Optional[float]:
+        """Seconds left in the run at global step ``step``, at this session's average pace."""
+        t0, step0 = self.clock
+        return run_eta(time.perf_counter() - t0, step - step0, self.limit - step)
 
     def _epoch(self, pos: Position) -> tuple[int, bool]:
         """One epoch (or what is left of it) from ``pos``, which it advances; (skipped, done)."""
@@ -212,9 +260,10 @@ class TrainLoop:
             meter.add(loss, bsz)
             window.images += bsz * self.world
             if pos.step % cfg.train.log_every == 0 or pos.step_in_epoch == spe or pos.step >= self.limit:
-                self._log_step(pos, loss, logs, lr, window, bar)
+                self._log_step(pos, loss, logs, lr, window)
                 window = _Window()
             self.reporter.update(bar, advance=1)
+            self.reporter.update(self.run_bar, advance=1, eta=self.eta(pos.step))
             if cfg.train.ckpt_every_steps and pos.step % cfg.train.ckpt_every_steps == 0 and pos.step_in_epoch < spe:
                 self.save(pos)
             if pos.step >= self.limit:
@@ -244,8 +293,8 @@ class TrainLoop:
         pos.step_in_epoch += 1
         return loss.detach(), logs, lr
 
-    def _log_step(self, pos: Position, loss: torch.Tensor, logs: dict, lr: float, window: "_Window", bar) -> None:
-        """A ``type: step`` record and the progress text (one all-reduce, one host read)."""
+    def _log_step(self, pos: Position, loss: torch.Tensor, logs: dict, lr: float, window: "_Window") -> None:
+        """A ``type: step`` record (file, TensorBoard) and the progress text (one all-reduce, one host read)."""
         values = torch.stack([loss.float()] + [v.detach().float().reshape(()) for v in logs.values()])
         values = dist.all_reduce_mean(values).tolist()
         loss_v = values[0]
@@ -265,7 +314,10 @@ class TrainLoop:
             **dict(zip(logs, values[1:])),
         }
         self.metrics.write(rec)
-        self.reporter.update(bar, info=f"loss {loss_v:.4f} lr {lr:.4g} {rate:.1f} img/s wait {wait:.0%}")
+        if self.tb is not None:
+            self.tb.record(rec)
+        self.status.beat(pos.epoch, pos.step)
+        self.reporter.update(self.run_bar, info=f"loss {loss_v:.4f} lr {lr:.4g} {rate:.1f} img/s wait {wait:.0%}")
 
     def _end_epoch(self, pos: Position, meter: "_Meter", last: bool) -> int:
         """The ``type: epoch`` record and summary line; returns the images skipped (all ranks)."""
@@ -286,13 +338,29 @@ class TrainLoop:
         }
         extra, text = self.task.end_epoch(dict(rec), last)
         rec.update(extra)
+        hists = self.task.histograms() if dist.is_main() else {}
+        for name, values in hists.items():
+            rec.update(histogram_stats(name, values))
         self.metrics.write(rec)
+        self._tb_epoch(rec, hists)
+        self.status.beat(pos.epoch + (pos.step_in_epoch >= self.steps_per_epoch), pos.step, force=True)
+        eta = "" if last else f"  run eta {format_seconds(self.eta(pos.step))}"
         self.reporter.print(
             f"{self.task.epoch_name} {pos.epoch + 1}/{self.cfg.train.epochs}  step {pos.step}  loss {loss:.4f}  "
             f"{rec['img_per_s']:.1f} img/s  {seconds:.1f}s  data wait {rec['data_wait']:.0%}  skipped {skipped}"
             + (f"  {text}" if text else "")
+            + eta
         )
         return skipped
+
+    def _tb_epoch(self, rec: dict, hists: dict[str, torch.Tensor]) -> None:
+        """The epoch record and the task's histograms into TensorBoard, flushed to disk."""
+        if self.tb is None:
+            return
+        self.tb.record(rec)
+        for name, values in hists.items():
+            self.tb.histogram(name, values, rec["step"])
+        self.tb.flush()
 
 
 def _timed(iterator):

@@ -7,7 +7,8 @@ import math
 
 import torch
 
-from ..config.schema import OptimConfig
+from ..config.schema import Config, OptimConfig, TrainConfig
+from ..errors import UserError
 
 log = logging.getLogger("interclr")
 
@@ -69,18 +70,40 @@ def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
     return cfg.lr
 
 
+def per_process_batch(train: TrainConfig, world: int) -> int:
+    """Images per process and step: ``train.global_batch / world`` when ``global_batch > 0`` (a
+    one-line error when it does not divide), else ``train.batch_size``."""
+    g = train.global_batch
+    if g <= 0:
+        return train.batch_size
+    if g % world:
+        lo, hi = (g // world) * world, -(-g // world) * world
+        raise UserError(
+            f"train.global_batch={g} does not divide over {world} processes; use a multiple of {world} "
+            f"(e.g. {lo or hi} or {hi}), or train.global_batch=0 with a per-process train.batch_size"
+        )
+    return g // world
+
+
+def resolve_batch(cfg: Config, world: int) -> int:
+    """Set ``cfg.train.batch_size`` to :func:`per_process_batch` (so the run's config.yaml records
+    it) and return it."""
+    cfg.train.batch_size = per_process_batch(cfg.train, world)
+    return cfg.train.batch_size
+
+
 def global_lr(cfg: OptimConfig, batch_size: int, world: int) -> tuple[int, float]:
     """(global batch, base learning rate) of ``world`` processes with ``batch_size`` images each:
-    :func:`scaled_lr` of the global batch. Logs one line saying which rule applied."""
+    :func:`scaled_lr` of the global batch. Logs one line: world x per-process = global, the lr
+    and the rule that gave it."""
     batch = batch_size * world
     lr = scaled_lr(cfg, batch)
-    if world > 1 or cfg.reference_batch > 0:
-        rule = (
-            f" = {cfg.lr:g} x {batch}/{cfg.reference_batch} (linear scaling rule)"
-            if cfg.reference_batch > 0
-            else " (optim.reference_batch=0: not scaled)"
-        )
-        log.info(f"global batch {batch} ({world} x {batch_size}); lr {lr:.4g}{rule}")
+    rule = (
+        f" = {cfg.lr:g} x {batch}/{cfg.reference_batch} (linear scaling rule)"
+        if cfg.reference_batch > 0
+        else " (optim.reference_batch=0: not scaled)"
+    )
+    log.info(f"batch {world} x {batch_size} = {batch} (processes x per process = global); lr {lr:.4g}{rule}")
     return batch, lr
 
 

@@ -34,6 +34,7 @@ from ..data import (
     loader_from_config,
     moco_v2_transform,
 )
+from ..data.decode import device_decoded_loader
 from ..data.sources import FileIndex
 from ..errors import UserError
 from ..methods import Method, TrainContext, build_method
@@ -41,11 +42,12 @@ from ..runtime import dist
 from ..runtime.device import autocast, memory_format, process_device
 from ..runtime.progress import Reporter
 from ..runtime.seed import seed_everything
+from .autochoice import channels_last_on, resolve_auto
 from .checkpoint import TrainingCheckpoint, list_checkpoints
 from .features import extract_with_config, same_files
 from .loop import Position, StepTask, TaskState, TrainLoop
 from .monitor import Monitor
-from .optim import build_optimizer, global_lr
+from .optim import build_optimizer, global_lr, resolve_batch
 from .resume import load_model_state, restore_training
 from .rundir import MetricsLog, file_log
 
@@ -109,7 +111,8 @@ class Pipeline:
 def build_pipeline(cfg: Config, index: FileIndex, device: torch.device) -> Pipeline:
     """Two views per image: PIL in the workers (``data.augment_on=workers``), or workers that only
     crop and flip with the rest batched on the device (``device``), optionally from images
-    decoded once onto the device (``data.in_memory``). Several ranks: an unreadable image is
+    decoded once onto the device (``data.in_memory``) or per batch there from the bytes the workers
+    read (``data.decode=device``; ``data.in_memory`` takes precedence). Several ranks: an unreadable image is
     replaced by the next readable one, so every rank steps on a full batch."""
     world = dist.world_size()
     on_device = cfg.data.augment_on == "device"
@@ -127,6 +130,9 @@ def build_pipeline(cfg: Config, index: FileIndex, device: torch.device) -> Pipel
     if cfg.data.in_memory:  # decoded once; each step gathers its images on the device (no DataLoader)
         store = InMemoryImages(dataset, device)
         return Pipeline(_InMemoryBatches(store, sampler), sampler, augment, store)
+    if cfg.data.decode == "device":  # workers read bytes; each batch is decoded and cropped on the device
+        loader = device_decoded_loader(index, sampler, cfg.data, device, substitute=world > 1)
+        return Pipeline(loader, sampler, augment, None)
     return Pipeline(loader_from_config(dataset, sampler, cfg.data), sampler, augment, None)
 
 
@@ -151,7 +157,7 @@ class PretrainTask(StepTask):
     ):
         self.cfg, self.method, self.ddp, self.pipeline, self.device = cfg, method, ddp, pipeline, device
         self.ctx, self.monitor, self.reporter, self.metrics = ctx, monitor, reporter, metrics
-        self.fmt = memory_format(cfg.train.channels_last)
+        self.fmt = memory_format(channels_last_on(cfg))
         self.last_metrics: dict = {}
 
     def start(self) -> None:
@@ -178,7 +184,7 @@ class PretrainTask(StepTask):
         }
         augment, rank = self.pipeline.augment, dist.rank()
         for v, key in enumerate(("view1", "view2")):
-            if self.pipeline.store is not None:
+            if "images" in batch:  # whole images on the device (data.in_memory, data.decode=device)
                 batch[key] = augment.from_images(
                     batch["images"], epoch=pos.epoch, step_in_epoch=pos.step_in_epoch, rank=rank, view=v
                 )
@@ -197,6 +203,13 @@ class PretrainTask(StepTask):
 
     def after_optimizer_step(self, step: int) -> None:
         self.method.after_optimizer_step(step)
+
+    def histograms(self) -> dict[str, torch.Tensor]:
+        """InterCLR's cluster sizes [K] (members per pseudo-label), for TensorBoard and the epoch record."""
+        from ..memory import OnlineLabels
+
+        labels = getattr(self.method, "labels", None)
+        return {"cluster_size": labels.counts} if isinstance(labels, OnlineLabels) else {}
 
     def end_epoch(self, record: dict, last: bool) -> tuple[dict, str]:
         every = self.cfg.monitor.every
@@ -263,7 +276,7 @@ class _RunFolder:
 
 def _build_method(cfg: Config, n: int, device: torch.device) -> Method:
     method = build_method(cfg, n).to(device)
-    if cfg.train.channels_last:
+    if channels_last_on(cfg):
         method = method.to(memory_format=memory_format(True))
     if dist.is_dist():
         from ..runtime.ddp import convert_sync_bn
@@ -311,7 +324,9 @@ def pretrain(
     seed_everything(cfg.seed)
     folder_ = _RunFolder(run_dir, prepare)
     index, folder = folder_.index(cfg)
+    resolve_auto(cfg, device, index.paths)  # precision, memory format, data path: recorded in config.yaml
     world = dist.world_size()
+    resolve_batch(cfg, world)
     if len(index) < cfg.train.batch_size * world:
         raise UserError(
             f"the data set has {len(index)} images, fewer than one global batch ({cfg.train.batch_size * world}); lower train.batch_size"

@@ -28,6 +28,7 @@ from .checkpoint import (
     state_mismatch,
 )
 from .loop import Position
+from .optim import resolve_batch
 
 log = logging.getLogger("interclr")
 
@@ -88,6 +89,7 @@ def open_resume(
     base = load_run_config(run_dir) if (run_dir / "config.yaml").is_file() else ck.config
     cfg = config_from_mapping(apply_overrides(base, overrides))
     validate(cfg)
+    resolve_batch(cfg, dist.world_size())  # global_batch: this launch's per-process share
     check_compatible(ck.config, to_mapping(cfg), ck.path)
     return run_dir, ck, cfg
 

@@ -51,7 +51,8 @@ def prepare_run_dir(path: Path, *, resume: bool, force: bool) -> Path:
             raise UserError(f"cannot resume: {path} is not an interclr run folder (no {RUN_MARKER}); check --out")
         return path
     check_run_dir(path, force=force)
-    if path.is_dir() and any(path.iterdir()) and dist.is_main():  # an interclr run, and --force
+    dist.barrier()  # every rank has inspected the folder before rank 0 starts deleting it
+    if dist.is_main() and path.is_dir() and any(path.iterdir()):  # an interclr run, and --force
         shutil.rmtree(path)
     dist.barrier()
     if dist.is_main():
