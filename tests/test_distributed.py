@@ -914,7 +914,7 @@ DOWN = [
     "optim.lr=0.2",
     "optim.reference_batch=16",
     "train.precision=none",  # float32: compared with one process up to float noise (not bf16's)
-    "train.channels_last=false",
+    "train.channels_last=false",  # the one-process reference in the same memory format as the ranks
 ]
 GLOBAL_BATCH = 8
 LINEAR = {

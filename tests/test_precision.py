@@ -68,6 +68,8 @@ def test_auto_precision_rules(device_type, caps, expected):
 def test_auto_channels_last_rules(device_type, caps, expected):
     assert resolve_channels_last("auto", device_type, caps)[0] == expected
     assert resolve_channels_last("false", device_type, SAPPHIRE)[0] == "false"
+    if device_type == "cpu":  # several CPU processes stay contiguous
+        assert resolve_channels_last("auto", "cpu", ZEN4, world=2)[0] == "false"
     assert resolve_channels_last("true", device_type, NO_BF16)[0] == "true"
 
 

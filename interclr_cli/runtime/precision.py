@@ -125,12 +125,16 @@ def resolve_precision(requested: str, device_type: str, caps: Caps) -> tuple[str
     return "none", f"the {device_type.upper()} has no native bf16 (emulated bf16 is slower than fp32)"
 
 
-def resolve_channels_last(requested: str, device_type: str, caps: Caps) -> tuple[str, str]:
-    """``train.channels_last``: ``auto`` -> ``true`` or ``false`` by the rules above."""
+def resolve_channels_last(requested: str, device_type: str, caps: Caps, world: int = 1) -> tuple[str, str]:
+    """``train.channels_last``: ``auto`` -> ``true`` or ``false`` by the rules above. Several CPU
+    processes stay contiguous: a 2-process CPU fine-tune with synchronised BatchNorm diverged with
+    channels_last (not understood yet; contiguous trains as one process does)."""
     if requested != "auto":
         return requested, "set in the config"
     if device_type == "cuda":
         return "true", "NHWC convolutions on the GPU"
+    if device_type == "cpu" and world > 1:
+        return "false", "several CPU processes (channels_last diverged there with synchronised BatchNorm)"
     if device_type == "cpu" and caps.mkldnn and caps.avx512:
         return "true", "oneDNN's NHWC convolutions with AVX-512"
     return "false", "no AVX-512 oneDNN convolutions"

@@ -50,7 +50,9 @@ def resolve_auto(
         return decided[0]
 
     t.precision = take("train.precision", t.precision, resolve_precision(t.precision, kind, caps))
-    t.channels_last = take("train.channels_last", t.channels_last, resolve_channels_last(t.channels_last, kind, caps))
+    t.channels_last = take(
+        "train.channels_last", t.channels_last, resolve_channels_last(t.channels_last, kind, caps, dist.world_size())
+    )
     ev = cfg.eval.precision
     cfg.eval.precision = take("eval.precision", ev, (t.precision if ev == "auto" else ev, "as train.precision"))
     d.augment_on = take(
