@@ -4,11 +4,12 @@ series inside each group, a y axis with ticks and a legend. Used for ``invarianc
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Optional, Sequence
 
 from PIL import Image, ImageDraw, ImageFont
+
+from ..runtime.safefile import atomic_target
 
 #: Colours of the series, in order (Tableau 10); series beyond 10 reuse them.
 PALETTE = [
@@ -130,12 +131,6 @@ def grouped_bar_chart(
             draw.rectangle((x, y + 1, x + 10, y + 11), fill=PALETTE[j % len(PALETTE)])
             draw.text((x + 16, y), series[j], fill=INK, font=font)
             x += 16 + draw.textbbox((0, 0), series[j], font=font)[2] + 16
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    try:
+    with atomic_target(Path(out)) as tmp:  # no half-written PNG; storage errors as one line
         img.save(tmp, format="PNG")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return img.size

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+from ..runtime.safefile import atomic_target
 
 PAD = 2
 BACKGROUND = (255, 255, 255)
@@ -47,12 +48,6 @@ def contact_sheet(
         for c, image in enumerate(images):
             tile = ImageOps.fit(image.convert("RGB"), (thumb, thumb), method=Image.Resampling.BICUBIC)
             sheet.paste(tile, (label_width + PAD + c * (thumb + PAD), y))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    try:
+    with atomic_target(Path(out)) as tmp:  # no half-written PNG; storage errors as one line
         sheet.save(tmp, format="PNG")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return sheet.size

@@ -158,7 +158,8 @@ class OnlineLabels(nn.Module):
         self._small_view = self._small_host.numpy()  # the host value, read without a tensor call
         self._small_event: Optional[torch.cuda.Event] = None
         self._small_known = False
-        self._fixed = torch.zeros((), dtype=torch.long, device=device)  # clusters dissolved this step
+        # clusters dissolved this step (a buffer, so it moves with the module; not saved)
+        self.register_buffer("_fixed", torch.zeros((), dtype=torch.long, device=device), persistent=False)
 
     # -- whole-bank operations -----------------------------------------------------------------
     def _member_sums(self, bank_features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -294,7 +295,7 @@ class OnlineLabels(nn.Module):
                 # CUDA's float index_add_ sums in no fixed order, so ranks could drift apart by
                 # rounding: take rank 0's centroids (K x D, ~5 MB every centroid_update_every steps)
                 dist.broadcast_(self.centroids, 0)
-        self._fixed = self._fixed.to(self.counts.device).zero_()
+        self._fixed.zero_()
         if small:
             self._fixed.fill_(self.fix_small_clusters(bank_features, generator))
         self._stage_small_count()
