@@ -6,11 +6,12 @@ gradient, rank-identical banks, tables and weights for npid + CLD, mocov2 + CLD 
 from __future__ import annotations
 
 import math
+from typing import Iterator
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY, assert_clean_error, make_tree, run_cli
+from conftest import TINY, assert_clean_error, make_tree, run_cli, scratch
 from safetensors.torch import load_file
 from test_distributed import spawn
 from test_npid import mid_epoch_resume
@@ -235,10 +236,10 @@ def _all_worker(root: str, data: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory) -> list:
-    tmp = tmp_path_factory.mktemp("cld-dist")
-    data = make_tree(tmp / "data" / "train", 4)  # 16 images: 2 global batches of 8
-    return spawn(tmp, _all_worker, str(tmp / "runs"), str(data))
+def ranks(tmp_path_factory) -> Iterator[list]:
+    with scratch(tmp_path_factory, "cld-dist") as tmp:
+        data = make_tree(tmp / "data" / "train", 4)  # 16 images: 2 global batches of 8
+        yield spawn(tmp, _all_worker, str(tmp / "runs"), str(data))
 
 
 def test_two_ranks_gathered_cld_equals_one_process(ranks):

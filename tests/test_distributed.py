@@ -36,13 +36,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import TINY, make_tree
+from conftest import TINY, make_tree, scratch
 from dist_helpers import GradAverager, all_gather_with_grad
 
 from interclr_cli.runtime import dist
@@ -636,29 +637,29 @@ def _all_worker(
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory) -> list:
-    tmp = tmp_path_factory.mktemp("dist")
-    images = make_tree(tmp / "images", 3, classes=4)
-    (images / sorted(os.listdir(images))[-1] / "0002.jpg").unlink()  # 11 images: shards of 6 and 5
-    data = make_tree(tmp / "e2e" / "data" / "train", 6)  # 24 images: 3 global batches of 8
-    idata = make_tree(tmp / "interclr" / "data" / "train", 4)  # 16 images: 2 global batches of 8
-    down = _downstream_data(tmp / "down" / "data")
-    cdata = make_tree(tmp / "corrupt" / "data" / "train", 4)  # 16 images, 2 of them unreadable
-    for c in sorted(os.listdir(cdata))[:2]:
-        (cdata / c / sorted(os.listdir(cdata / c))[0]).write_bytes(b"not an image")
-    return spawn(
-        tmp,
-        _all_worker,
-        str(images),
-        str(data),
-        str(tmp / "e2e" / "ref"),
-        str(tmp / "e2e"),
-        str(tmp / "interclr"),
-        str(idata),
-        str(down),
-        str(tmp / "down" / "runs"),
-        str(cdata),
-    )
+def ranks(tmp_path_factory) -> Iterator[list]:
+    with scratch(tmp_path_factory, "dist") as tmp:
+        images = make_tree(tmp / "images", 3, classes=4)
+        (images / sorted(os.listdir(images))[-1] / "0002.jpg").unlink()  # 11 images: shards of 6 and 5
+        data = make_tree(tmp / "e2e" / "data" / "train", 6)  # 24 images: 3 global batches of 8
+        idata = make_tree(tmp / "interclr" / "data" / "train", 4)  # 16 images: 2 global batches of 8
+        down = _downstream_data(tmp / "down" / "data")
+        cdata = make_tree(tmp / "corrupt" / "data" / "train", 4)  # 16 images, 2 of them unreadable
+        for c in sorted(os.listdir(cdata))[:2]:
+            (cdata / c / sorted(os.listdir(cdata / c))[0]).write_bytes(b"not an image")
+        yield spawn(
+            tmp,
+            _all_worker,
+            str(images),
+            str(data),
+            str(tmp / "e2e" / "ref"),
+            str(tmp / "e2e"),
+            str(tmp / "interclr"),
+            str(idata),
+            str(down),
+            str(tmp / "down" / "runs"),
+            str(cdata),
+        )
 
 
 def test_only_rank0_writes_and_kill_resume_matches_uninterrupted(tmp_path, ranks):
@@ -984,12 +985,13 @@ def downstream(ranks, tmp_path_factory):
     """(rank 0's, rank 1's, one process's) results; the one-process runs here, on one thread."""
     r0, r1 = (r["downstream"] for r in ranks)
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        ref = _downstream(r0["data"], str(tmp_path_factory.mktemp("down-ref")))
-    finally:
-        torch.set_num_threads(before)
-    return r0, r1, ref
+    with scratch(tmp_path_factory, "down-ref") as ref_dir:
+        torch.set_num_threads(1)
+        try:
+            ref = _downstream(r0["data"], str(ref_dir))
+        finally:
+            torch.set_num_threads(before)
+        yield r0, r1, ref
 
 
 def test_two_rank_downstream_writes_from_rank0_only(downstream):

@@ -1,5 +1,9 @@
 import argparse
+import errno
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -7,6 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torchvision
+from conftest import assert_clean_error
 from safetensors.torch import load_file
 
 from interclr_cli.errors import UserError
@@ -211,6 +216,42 @@ def test_onnx_matches_with_dynamic_batch(tmp_path: Path, classifier):
             want = classifier(x).numpy()
         assert got.shape == (batch, 7)
         assert np.abs(got - want).max() < 1e-4
+
+
+def _file_size_limit(limit: int):
+    """A ``preexec_fn``: files may grow to ``limit`` bytes; a longer write fails with EFBIG (the
+    kernel's own write error, like a full disk: SIGXFSZ ignored so the process sees the error)."""
+
+    def apply() -> None:
+        import resource
+        import signal
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+@pytest.mark.parametrize("fmt,suffix", [("torchscript", ".pt"), ("onnx", ".onnx")])
+def test_a_write_error_while_exporting_is_one_line_and_leaves_nothing(tmp_path: Path, fmt, suffix):
+    """A real kernel write error (file size limit: 1 MB, the ResNet-18 export is ~45 MB) in a real
+    process. torch's own file writers abort the process on it (``Fatal Python error: Aborted``, as
+    a full CI disk showed); the exporters serialise in memory and write through our atomic writer,
+    so the command ends with the storage error's one line, exit code 1, and no file."""
+    out = tmp_path / f"m{suffix}"
+    args = ["export", "random:resnet18-small", "--format", fmt, "-o", str(out)]
+    env = {k: v for k, v in os.environ.items() if k != "INTERCLR_DEBUG"}
+    res = subprocess.run(
+        [sys.executable, "-m", "interclr_cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        preexec_fn=_file_size_limit(2**20),
+    )
+    assert_clean_error(res, 1, os.strerror(errno.EFBIG))
+    assert str(out) in res.stderr
+    assert list(tmp_path.iterdir()) == []  # neither the file nor its temporary
 
 
 # ----------------------------------------------------------------------------- foreign checkpoints

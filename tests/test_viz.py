@@ -16,10 +16,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
-from conftest import TINY, assert_clean_error, make_tree, run_cli
+from conftest import TINY, assert_clean_error, make_tree, run_cli, scratch
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -57,8 +58,9 @@ def data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def runs_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("runs")
+def runs_dir(tmp_path_factory) -> Iterator[Path]:
+    with scratch(tmp_path_factory, "runs") as path:
+        yield path
 
 
 @pytest.fixture(scope="module")

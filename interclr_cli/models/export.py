@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import pickle
 import re
@@ -21,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import UserError, WorkError
-from ..runtime.safefile import atomic_target, atomic_write_bytes, write_tensors
+from ..runtime.safefile import atomic_write_bytes, write_tensors
 from . import FEATURE_DIMS, torchvision_resnet
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -246,6 +247,8 @@ def export_torchscript(module: nn.Module, example: torch.Tensor, out: Path, *, a
     """Trace ``module`` (in eval mode) on ``example`` and save it atomically to ``out``.
 
     The traced module is checked against the module on ``example`` (max abs diff <= ``atol``).
+    It is serialised in memory and written with :func:`atomic_write_bytes`: torch's own file
+    writer aborts the process when the disk fills, ours raises a one-line storage error.
     """
     with _eval_mode(module), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated in favour of torch.export
@@ -253,31 +256,34 @@ def export_torchscript(module: nn.Module, example: torch.Tensor, out: Path, *, a
         diff = (traced(example) - module(example)).abs().max().item()
         if not diff <= atol:
             raise WorkError(f"the TorchScript trace differs from the model by {diff:.3g}; export to ONNX instead")
-        with atomic_target(Path(out)) as tmp:
-            traced.save(str(tmp))
+        buf = io.BytesIO()
+        torch.jit.save(traced, buf)
+    atomic_write_bytes(Path(out), buf.getvalue())
     return Path(out)
 
 
 def export_onnx(module: nn.Module, example: torch.Tensor, out: Path, opset: int = 17) -> Path:
     """Export ``module`` (eval mode) to ONNX with a dynamic batch axis; input ``input``, output ``output``.
 
-    Uses the TorchScript-based exporter (``dynamo=False``), which needs no ``onnxscript``.
+    Uses the TorchScript-based exporter (``dynamo=False``), which needs no ``onnxscript``. Like
+    :func:`export_torchscript` it serialises in memory and writes with :func:`atomic_write_bytes`.
     """
     with _eval_mode(module), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", FutureWarning)
-        with atomic_target(Path(out)) as tmp:
-            torch.onnx.export(
-                module,
-                (example,),
-                str(tmp),
-                dynamo=False,
-                opset_version=opset,
-                input_names=["input"],
-                output_names=["output"],
-                dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
-                do_constant_folding=True,
-            )
+        buf = io.BytesIO()
+        torch.onnx.export(
+            module,
+            (example,),
+            buf,
+            dynamo=False,
+            opset_version=opset,
+            input_names=["input"],
+            output_names=["output"],
+            dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+            do_constant_folding=True,
+        )
+    atomic_write_bytes(Path(out), buf.getvalue())
     return Path(out)
 
 
