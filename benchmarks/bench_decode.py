@@ -10,7 +10,10 @@ is that core too). Paths, each timed over the same images, interleaved, median o
 - ``device_crop``: ``decode=device`` without the colour ops: bytes read, ``decode_jpeg`` of the
   batch, crops resized and flipped by two batched matrix products, normalisation;
 - ``pil_crop_colour`` / ``device_crop_colour``: the last two with the colour, grey and blur ops
-  on the device (``DeviceAugment``), i.e. the two ``augment_on=device`` pipelines in full.
+  on the device (``DeviceAugment``), i.e. the two ``augment_on=device`` pipelines in full;
+- ``device_crop_colour_whole``: ``device_crop_colour`` with the colour ops over the whole batch
+  at once instead of the CPU's cache-sized blocks (``device_aug.CPU_BLOCK_BYTES``), as a GPU runs
+  them (``ratio_blocks``: blocks / whole batch).
 
 Prints one JSON object: img/s per path and size, and the ratios decode=device / decode=pil.
 
@@ -37,6 +40,7 @@ from interclr_cli.data import (
     FileIndex,
     ImageDataset,
     crop_flip_transform,
+    device_aug,
     loader_from_config,
     moco_v2_transform,
 )
@@ -80,15 +84,19 @@ def _pipelines(index: FileIndex, size: int, batch: int) -> dict:
 
         return run
 
-    def device(cfg):
+    def device(cfg, block_bytes=device_aug.CPU_BLOCK_BYTES):
         augment = DeviceAugment(cfg, cpu, seed=0)
 
         def run():
-            n = 0
-            for b in device_decoded_loader(index, sampler(), dataclasses.replace(cfg, decode="device"), cpu):
-                for v in range(2):
-                    augment.from_images(b["images"], epoch=0, step_in_epoch=0, view=v)
-                n += b["index"].numel()
+            n, kept = 0, device_aug.CPU_BLOCK_BYTES
+            device_aug.CPU_BLOCK_BYTES = block_bytes
+            try:
+                for b in device_decoded_loader(index, sampler(), dataclasses.replace(cfg, decode="device"), cpu):
+                    for v in range(2):
+                        augment.from_images(b["images"], epoch=0, step_in_epoch=0, view=v)
+                    n += b["index"].numel()
+            finally:
+                device_aug.CPU_BLOCK_BYTES = kept
             return n
 
         return run
@@ -99,6 +107,7 @@ def _pipelines(index: FileIndex, size: int, batch: int) -> dict:
         "device_crop": device(plain),
         "pil_crop_colour": pil(base, crop_flip_transform(base), DeviceAugment(base, cpu, seed=0)),
         "device_crop_colour": device(base),
+        "device_crop_colour_whole": device(base, block_bytes=1 << 62),
     }
 
 
@@ -127,6 +136,9 @@ def main() -> None:
         res[f"ratio_crop_{size}"] = round(res[f"device_crop_{size}_img_s"] / res[f"pil_crop_{size}_img_s"], 2)
         res[f"ratio_colour_{size}"] = round(
             res[f"device_crop_colour_{size}_img_s"] / res[f"pil_crop_colour_{size}_img_s"], 2
+        )
+        res[f"ratio_blocks_{size}"] = round(
+            res[f"device_crop_colour_{size}_img_s"] / res[f"device_crop_colour_whole_{size}_img_s"], 2
         )
         res[f"ratio_device_colour_vs_pil_full_{size}"] = round(
             res[f"device_crop_colour_{size}_img_s"] / res[f"pil_full_{size}_img_s"], 2

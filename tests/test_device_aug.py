@@ -120,6 +120,24 @@ def test_call_is_seeded_by_step_and_view_and_normalises():
         full(u8.float(), epoch=0, step_in_epoch=0)
 
 
+@pytest.mark.parametrize("images", [1, 3, 7])
+def test_cpu_blocks_give_the_batch_at_once_bit_for_bit(monkeypatch, images):
+    """The CPU runs the colour ops over cache-sized blocks of images; block sizes of 1, 3 and 7
+    images (7 does not divide the batch of 10) give exactly the whole batch at once, normalised,
+    for both entry points: the parameters are drawn for the batch, not per block."""
+    cfg = DataConfig(image_size=16, color_jitter_p=0.8, grayscale_p=0.3, blur_p=0.5)
+    aug = DeviceAugment(cfg, torch.device("cpu"), seed=5)
+    u8 = torch.randint(0, 256, (10, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    whole = [aug(u8, epoch=1, step_in_epoch=2), aug.from_images(u8, epoch=1, step_in_epoch=2)]
+    assert aug.block(whole[0]) >= 10  # 10 images of 3 KB: one block by default
+    monkeypatch.setattr(D, "CPU_BLOCK_BYTES", images * 3 * 16 * 16 * 4)
+    assert aug.block(whole[0]) == images
+    blocked = [aug(u8, epoch=1, step_in_epoch=2), aug.from_images(u8, epoch=1, step_in_epoch=2)]
+    for a, b in zip(whole, blocked):
+        assert torch.equal(a, b)
+    assert not torch.equal(whole[0], whole[1])  # the two entry points really differ (crops)
+
+
 def test_worker_and_device_paths_give_the_same_statistics(tiny_data):
     """The split pipeline is the MoCo v2 recipe: per-channel mean and spread of 400 augmented views
     agree with the all-in-the-workers (PIL) path."""
