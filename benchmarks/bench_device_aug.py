@@ -9,6 +9,12 @@ of the two results, as one JSON object.
 
     python benchmarks/bench_device_aug.py                  # B=256, 224 px
     python benchmarks/bench_device_aug.py --batch 64 --size 96 --reps 5
+
+``--blocks N ...`` instead times the whole device half (``DeviceAugment._finish``: draw, colour
+ops, normalisation) with the CPU's blocks set to N images each (``CPU_BLOCK_BYTES``), in ms per
+view, interleaved, median of ``--reps``:
+
+    python benchmarks/bench_device_aug.py --blocks 64 16 8 4 2 1 --batch 64 --threads 1
 """
 
 from __future__ import annotations
@@ -57,15 +63,44 @@ class OpCounter(TorchDispatchMode):
         return out
 
 
+def time_blocks(batch: int, size: int, blocks: list[int], reps: int) -> dict:
+    """ms per view of ``DeviceAugment._finish`` for each number of images per CPU block."""
+    aug = D.DeviceAugment(DataConfig(image_size=size), torch.device("cpu"), seed=0)
+    x = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    per_image, kept = 3 * size * size * 4, D.CPU_BLOCK_BYTES
+    times: dict = {b: [] for b in blocks}
+    try:
+        with torch.no_grad():
+            for rep in range(reps + 1):  # the first pass warms up
+                for b in blocks:
+                    D.CPU_BLOCK_BYTES = b * per_image
+                    aug.gen.manual_seed(1)
+                    y = x.clone()
+                    t0 = time.perf_counter()
+                    aug._finish(y)
+                    if rep:
+                        times[b].append(time.perf_counter() - t0)
+    finally:
+        D.CPU_BLOCK_BYTES = kept
+    res: dict = {"batch": batch, "size": size, "threads": torch.get_num_threads(), "default_block": kept // per_image}
+    for b in blocks:
+        res[f"block_{b}_ms_per_view"] = round(statistics.median(times[b]) / batch * 1e3, 2)
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--blocks", type=int, nargs="*", default=None, help="images per CPU block to compare")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.blocks:
+        print(json.dumps(time_blocks(a.batch, a.size, a.blocks, a.reps)))
+        return
     aug = D.DeviceAugment(DataConfig(image_size=a.size), torch.device("cpu"), seed=0)
     x = torch.rand(a.batch, 3, a.size, a.size, generator=torch.Generator().manual_seed(0))
     aug.gen.manual_seed(1)

@@ -174,7 +174,7 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> tor
 
 # On the CPU the colour ops run over blocks of images of about this many bytes of float views
 # (8 images at 224 px, a whole batch at 32 px), so that the ~80 element-wise ops of a view work in
-# the cache instead of streaming the batch through memory each time: one core, B=64, 224 px, 2.5x
+# the cache instead of streaming the batch through memory each time: one core, B=64, 224 px, 2.5-3x
 # faster than the whole batch at once (benchmarks/README.md, "Device colour ops in cache-sized
 # blocks"). A GPU takes the whole batch in one go.
 CPU_BLOCK_BYTES = 5 << 20
