@@ -160,6 +160,25 @@ def test_mid_epoch_checkpoint_resume(tiny_data, tmp_path, augment):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize(
+    "cadence,names",
+    [(["train.ckpt_every=0"], [(3, 18)]), (["train.ckpt_every=2"], [(2, 12), (3, 18)])],
+    ids=["every0-last-only", "every2"],
+)
+def test_checkpoint_cadence_per_epoch(tiny_data, tmp_path, cadence, names):
+    """``train.ckpt_every=0``: no per-epoch checkpoints, only the last (it divided by zero); N:
+    every N epochs and the last. 3 epochs of 6 steps, nothing pruned (keep_last 5)."""
+    from interclr_cli.training.checkpoint import checkpoint_name
+
+    ov = [f"data.root={tiny_data / 'train'}", "train.epochs=3", "train.keep_last=5", *TINY, *cadence]
+    res = run_pretrain("mocov2-r18-cifar", ov, out=str(tmp_path / "run"), resume=None, force=False, show_progress=False)
+    assert res["steps"] == 18
+    got = [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")]
+    assert got == [checkpoint_name(e, s) for e, s in names]
+    res = run_cli("pretrain", "--preset", "mocov2-r18-cifar", "train.ckpt_every_steps=-1", *TINY)
+    assert_clean_error(res, 2, "train.ckpt_every_steps must be >= 0")
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_data, tmp_path, monkeypatch):
     from interclr_cli.methods.mocov2 import MoCoV2
 

@@ -413,6 +413,7 @@ def validate(cfg: Config) -> None:
         "optim.weight_decay",
         "optim.warmup_epochs",
         "train.ckpt_every",
+        "train.ckpt_every_steps",
         "method.queue_size",
     ]
     for key in nonneg:

@@ -257,7 +257,7 @@ class TrainConfig:
     tf32: bool = True
     compile: bool = False
     log_every: int = 10
-    # Checkpoint every N epochs (and always at the end), keeping the last K.
+    # Checkpoint every N epochs and every M steps (0: never; always at the end), keeping the last K.
     ckpt_every: int = 1
     ckpt_every_steps: int = 0
     keep_last: int = 3

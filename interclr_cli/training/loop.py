@@ -22,7 +22,8 @@ everything around the step, identically for every command:
 - the progress display: a bar for the whole run (steps, loss, lr, img/s, data wait and the
   run's ETA at the session's average pace) and one per epoch; the epoch summary line;
 - checkpoint cadence: every ``train.ckpt_every`` epochs, every ``train.ckpt_every_steps``
-  steps within an epoch, and always at the end; the last ``train.keep_last`` are kept.
+  steps within an epoch (0 turns either off), and always at the end; the last
+  ``train.keep_last`` are kept.
 
 Guarantee: a task whose forward is deterministic given the batch gives bit-identical weights
 whether or not the run was interrupted and resumed from any of its checkpoints.
@@ -273,7 +274,8 @@ class TrainLoop:
         skipped = self._end_epoch(pos, meter, last=done or epoch + 1 >= cfg.train.epochs)
         if pos.step_in_epoch >= spe:
             pos.epoch, pos.step_in_epoch = epoch + 1, 0
-            if pos.epoch % cfg.train.ckpt_every == 0 or pos.epoch >= cfg.train.epochs or done:
+            every = cfg.train.ckpt_every  # 0: no per-epoch checkpoints, only the last one
+            if (every and pos.epoch % every == 0) or pos.epoch >= cfg.train.epochs or done:
                 self.save(pos)
         elif done:
             self.save(pos)
