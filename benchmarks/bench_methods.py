@@ -77,7 +77,7 @@ def run_knn(names: list[str], out: Path, seed: int, epochs: int) -> dict[str, li
         cmd += ["--out", str(run_dir), "monitor.every=1", f"seed={seed}", *METHODS[name]]
         cmd += [f"train.epochs={epochs}"] if epochs else []
         print("$ interclr " + " ".join(cmd[3:]), file=sys.stderr, flush=True)
-        subprocess.run(cmd, check=True)
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)  # stdout: the table only
         curves[name] = knn_curve(run_dir)
         print(f"{name}: {curves[name]}", file=sys.stderr, flush=True)
     return curves
