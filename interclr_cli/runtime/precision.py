@@ -127,8 +127,9 @@ def resolve_precision(requested: str, device_type: str, caps: Caps) -> tuple[str
 
 def resolve_channels_last(requested: str, device_type: str, caps: Caps, world: int = 1) -> tuple[str, str]:
     """``train.channels_last``: ``auto`` -> ``true`` or ``false`` by the rules above. Several CPU
-    processes stay contiguous: a 2-process CPU fine-tune with synchronised BatchNorm diverged with
-    channels_last (not understood yet; contiguous trains as one process does)."""
+    processes stay contiguous: a 2-process CPU fine-tune with synchronised BatchNorm once diverged
+    with channels_last (not reproduced since; in fp32 its distance from one process is ~1,000x
+    contiguous's, float noise on near-zero BatchNorm biases); contiguous trains as one process does."""
     if requested != "auto":
         return requested, "set in the config"
     if device_type == "cuda":
