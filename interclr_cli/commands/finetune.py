@@ -41,6 +41,7 @@ from ..runtime import dist
 from ..runtime.ddp import convert_sync_bn, ddp_module, sync_bn_buffers
 from ..runtime.device import autocast, memory_format, process_device
 from ..runtime.progress import Reporter
+from ..runtime.safefile import atomic_write_bytes
 from ..runtime.seed import seed_everything
 from ..training.autochoice import channels_last_on, resolve_auto
 from ..training.checkpoint import TrainingCheckpoint, list_checkpoints
@@ -91,9 +92,7 @@ def write_subset(path: Path, index: FileIndex, how: str) -> None:
         f"# classes: {' '.join(index.classes)}",
     ]
     lines += [f"{p} {int(ln)}" for p, ln in zip(index.paths, np.asarray(index.labels).tolist())]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(path)
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode("utf-8"))
 
 
 def read_subset_paths(path: Path) -> list[str]:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..runtime import dist
+from ..runtime.safefile import StorageError, atomic_write_bytes
 
 STATUS_FILE = "status.json"
 RESULT_FILE = "result.json"
@@ -36,12 +37,6 @@ STALE_SECONDS = 3600.0
 QUIET_SECONDS = 600.0
 #: commands that write result.json after their training loop
 _RESULT_AFTER_LOOP = {"finetune", "linear-eval"}
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj) + "\n")
-    os.replace(tmp, path)
 
 
 class RunStatus:
@@ -66,8 +61,8 @@ class RunStatus:
             return
         self.body.update(fields, updated=time.time())
         try:
-            _write_json(self.path, self.body)
-        except OSError:  # a status file must never stop training
+            atomic_write_bytes(self.path, (json.dumps(self.body) + "\n").encode("utf-8"))
+        except (OSError, StorageError):  # a status file must never stop training
             pass
 
     def start(self) -> None:
