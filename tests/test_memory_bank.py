@@ -102,6 +102,20 @@ def test_similarity_matches_matmul_and_out_buffer():
     assert torch.allclose(got.double(), q.double() @ ref.t(), atol=1e-6)
 
 
+def test_scratch_similarity_reuses_one_buffer_per_batch_size():
+    bank, ref, g = _bank(n=33)
+    q = F.normalize(torch.randn(4, 8, generator=g), dim=1)
+    first = bank.scratch_similarity(q)
+    assert torch.allclose(first.double(), q.double() @ ref.t(), atol=1e-6)
+    ptr = first.data_ptr()
+    q2 = F.normalize(torch.randn(4, 8, generator=g), dim=1)
+    again = bank.scratch_similarity(q2)
+    assert again.data_ptr() == ptr  # the same buffer, overwritten
+    assert torch.allclose(again.double(), q2.double() @ ref.t(), atol=1e-6)
+    other = bank.scratch_similarity(q2[:3])  # another batch size: a buffer of its shape
+    assert other.shape == (3, 33) and torch.allclose(other, again[:3])
+
+
 def test_rejects_bad_momentum():
     bank, _, _ = _bank()
     with pytest.raises(ValueError):

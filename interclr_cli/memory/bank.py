@@ -134,6 +134,7 @@ class MemoryBank(nn.Module):
         self.num_samples = int(num_samples)
         self.dim = int(dim)
         self.register_buffer("features", torch.zeros(num_samples, dim, dtype=dtype, device=device))
+        self._scratch: Optional[torch.Tensor] = None  # the [B, N] buffer of scratch_similarity
 
     @property
     def dtype(self) -> torch.dtype:
@@ -202,6 +203,15 @@ class MemoryBank(nn.Module):
         for s in range(0, n, _CHUNK):
             out[:, s : s + _CHUNK] = q @ self.features[s : s + _CHUNK].float().t()
         return out
+
+    def scratch_similarity(self, queries: torch.Tensor) -> torch.Tensor:
+        """:meth:`similarity` into one [B, N] float32 buffer kept from call to call (allocated again
+        when B or the bank's device changes): a training step's similarities without a fresh
+        B x N allocation. The next call overwrites the result."""
+        shape, device = (queries.shape[0], self.num_samples), self.features.device
+        if self._scratch is None or self._scratch.shape != shape or self._scratch.device != device:
+            self._scratch = torch.empty(shape, device=device)
+        return self.similarity(queries, out=self._scratch)
 
     def extra_repr(self) -> str:
         return f"num_samples={self.num_samples}, dim={self.dim}, dtype={self.dtype}"

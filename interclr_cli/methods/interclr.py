@@ -52,7 +52,7 @@ from ..models.split_bn import split_batchnorm
 from ..runtime import dist
 from .base import TrainContext
 from .mocov2 import MoCoV2
-from .npid import npid_loss
+from .npid import npid_loss, update_bank
 
 
 def effective_num_clusters(num_clusters: int, num_samples: int, min_cluster_size: int, online: bool) -> int:
@@ -101,7 +101,6 @@ class InterCLR(MoCoV2):
         # epoch the current (offline or initial) k-means labels were computed for; -1 = none yet
         self.register_buffer("labels_epoch", torch.full((), -1, dtype=torch.long))
         self._gens: dict[str, torch.Generator] = {}
-        self._sim_buf: Optional[torch.Tensor] = None
         self._workspace: dict[str, torch.Tensor] = {}  # reused [B, N] sampling temporaries
         self._pending_bank: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         self._label_stats: dict[str, torch.Tensor] = {}
@@ -213,12 +212,6 @@ class InterCLR(MoCoV2):
         self.labels_epoch.fill_(epoch)
 
     # -- the step ------------------------------------------------------------------------------
-    def _similarity(self, q: torch.Tensor) -> torch.Tensor:
-        shape = (q.shape[0], self.num_samples)
-        if self._sim_buf is None or self._sim_buf.shape != shape or self._sim_buf.device != q.device:
-            self._sim_buf = torch.empty(shape, device=q.device)  # reused: no page faults per step
-        return self.bank.similarity(q.detach(), out=self._sim_buf)
-
     def inter_loss(self, q: torch.Tensor, idx: torch.Tensor, sim: Optional[torch.Tensor]) -> torch.Tensor:
         """MarginNCE of the queries against a same-cluster positive and sampled negatives."""
         it = self.inter_cfg
@@ -264,15 +257,14 @@ class InterCLR(MoCoV2):
             bank_keys = k
         # the bank side in float32 (similarities, sampling, MarginNCE), whatever the precision
         with fp32(q.device):
-            qf = q
             need_sim = (use_inter and self.inter_cfg.neg_sampling != "random") or self.npid
-            sim = self._similarity(qf) if need_sim else None  # [B, N]
+            sim = self.bank.scratch_similarity(q) if need_sim else None  # [B, N]
             if self.npid:
-                l_intra = self.npid_loss(qf, idx, sim)
-                bank_keys = qf.detach()
+                l_intra = self.npid_loss(q, idx, sim)
+                bank_keys = q.detach()
             logs = {"loss_intra": l_intra.detach()}
             if use_inter:
-                l_inter = self.inter_loss(qf, idx, sim)
+                l_inter = self.inter_loss(q, idx, sim)
                 logs["loss_inter"] = l_inter.detach()
                 loss = self.intra_cfg.weight * l_intra + self.inter_cfg.weight * l_inter
             else:  # warm-up: intra only with weight 1, as InterCLRHook sets it
@@ -293,9 +285,7 @@ class InterCLR(MoCoV2):
             return
         idx, keys = self._pending_bank
         self._pending_bank = None
-        idx = dist.all_gather_cat(idx.to(self.bank.features.device))  # [W*B] rank order
-        keys = dist.all_gather_cat(F.normalize(keys.float(), dim=1))  # [W*B, D]
         momentum = self.intra_cfg.npid_bank_momentum if self.npid else self.inter_cfg.bank_momentum
-        self.bank.update(idx, keys, momentum)
+        idx = update_bank(self.bank, idx, keys, momentum)  # [W*B] gathered, rank order
         if self.online:
             self._label_stats = self.labels.step(step, idx, self.bank.rows(idx), self.bank.features, self._gen("label"))

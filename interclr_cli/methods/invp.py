@@ -114,18 +114,11 @@ class InvP(Method):
         self.encoder_q = build_encoder(cfg)
         self.bank = MemoryBank(num_samples, cfg.model.embed_dim, dtype=getattr(torch, ic.bank_dtype))
         self.neighbours = NeighbourTable(num_samples, ic.k)
-        self._sim_buf: torch.Tensor | None = None
         self._pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def on_train_start(self, ctx: TrainContext) -> None:
         if not ctx.resumed:  # a resumed bank and table come back with the state_dict
             random_bank(self.bank, self.cfg.seed * 1000 + 67)
-
-    def _similarity(self, q: torch.Tensor) -> torch.Tensor:
-        shape = (q.shape[0], self.num_samples)
-        if self._sim_buf is None or self._sim_buf.shape != shape or self._sim_buf.device != q.device:
-            self._sim_buf = torch.empty(shape, device=q.device)  # reused: no page faults per step
-        return self.bank.similarity(q.detach(), out=self._sim_buf)
 
     def training_step(self, batch, step, epoch):
         ic = self.invp_cfg
@@ -133,7 +126,7 @@ class InvP(Method):
         z = self.encoder_q(batch["view1"])
         with fp32(idx.device):
             q = F.normalize(z.float(), dim=1)  # [B, D]
-            sim = self._similarity(q)  # [B, N]
+            sim = self.bank.scratch_similarity(q)  # [B, N]
             background = torch.topk(sim, ic.num_background, dim=1, sorted=True).indices  # [B, n_b]
             cand = self.neighbours.propagate(idx, ic.depth)  # [B, C]
             pos, valid = hardest_positives(sim, cand, ic.n_pos, ic.dedup)  # [B, P]

@@ -62,11 +62,13 @@ def npid_loss(
 
 
 @torch.no_grad()
-def update_bank(bank: MemoryBank, idx: torch.Tensor, keys: torch.Tensor, momentum: float) -> None:
-    """All-gather (indices [B], keys [B, D]) over ranks, then ``bank.update`` on every rank."""
+def update_bank(bank: MemoryBank, idx: torch.Tensor, keys: torch.Tensor, momentum: float) -> torch.Tensor:
+    """All-gather (indices [B], keys [B, D]) over ranks, then ``bank.update`` on every rank.
+    Returns the gathered indices [W*B] (rank order), for what follows the update."""
     idx = dist.all_gather_cat(idx.to(bank.features.device))  # [W*B] rank order
     keys = dist.all_gather_cat(F.normalize(keys.float(), dim=1))  # [W*B, D]
     bank.update(idx, keys, momentum)
+    return idx
 
 
 @torch.no_grad()
