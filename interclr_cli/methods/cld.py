@@ -128,9 +128,9 @@ class CLDPart(nn.Module):
 
 
 def global_batch(cfg: Config) -> int:
-    """Images per step over all ranks."""
-    gb = getattr(cfg.train, "global_batch", 0)
-    return int(gb) if gb > 0 else cfg.train.batch_size * dist.world_size()
+    """Images per step over all ranks (``train.global_batch``, else per-process batch x ranks)."""
+    gb = cfg.train.global_batch
+    return gb if gb > 0 else cfg.train.batch_size * dist.world_size()
 
 
 def build_cld(cfg: Config, encoder: nn.Module) -> Optional[CLDPart]:

@@ -71,11 +71,11 @@ def resolve_auto(
 
 
 def channels_last_on(cfg: Config, device: Optional[torch.device] = None) -> bool:
-    """``train.channels_last`` as a bool; ``auto`` (not resolved yet) is decided for ``device``
-    (off without one)."""
+    """``train.channels_last`` as a bool; ``auto`` (not resolved yet) is decided for ``device`` and
+    this launch's number of processes, as :func:`resolve_auto` would (off without a device)."""
     value = cfg.train.channels_last
     if value == "auto" and device is not None:
-        value = resolve_channels_last("auto", device.type, device_caps(device))[0]
+        value = resolve_channels_last("auto", device.type, device_caps(device), dist.world_size())[0]
     return value == "true"
 
 
