@@ -26,8 +26,9 @@ import torch
 from PIL import Image
 
 from ..errors import UserError
+from ..runtime.device import host_to_device
 from .datasets import ImageDataset, load_rgb, split_skipped, warn_unreadable
-from .device_aug import PaddedImages, host_to_device
+from .device_aug import PaddedImages
 from .loader import loader_from_config
 
 JPEG_MAGIC = b"\xff\xd8\xff"

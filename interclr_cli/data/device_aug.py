@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torchvision import transforms as T
 
 from ..config.schema import DataConfig
+from ..runtime.device import host_to_device
 from .transforms import blur_kernel_size
 
 # ColorJitter(0.4, 0.4, 0.4, 0.1) of MoCo v2
@@ -378,14 +379,6 @@ def crop_resize(
         wx = torch.where(flip.view(-1, 1, 1), wx.flip(1), wx)
     rows = torch.matmul(wy.unsqueeze(1).to(images.dtype), images)  # [B, C, size, W]
     return torch.matmul(rows, wx.transpose(1, 2).unsqueeze(1).to(images.dtype))  # [B, C, size, size]
-
-
-def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A small host tensor on ``device``: through pinned memory and asynchronously on CUDA (a
-    pageable copy would wait for the stream), as it is elsewhere."""
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
 
 
 class PaddedImages:

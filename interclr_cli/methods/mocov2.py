@@ -34,6 +34,7 @@ from ..losses import info_nce
 from ..models import Encoder
 from ..models.split_bn import split_batchnorm, split_groups
 from ..runtime import dist
+from ..runtime.device import host_to_device
 from .base import Method
 from .cld import build_cld
 
@@ -120,7 +121,7 @@ class MoCoV2(Method):
             perm = torch.randperm(b * dist.world_size(), generator=self._shuffle_gen)  # CPU: no sync
             return F.normalize(shuffled_forward(self.encoder_k, x_k, perm).float(), dim=1)
         if self.bn_groups > 1:
-            perm = torch.randperm(b, generator=self._shuffle_gen).to(x_k.device, non_blocking=True)  # [B]
+            perm = host_to_device(torch.randperm(b, generator=self._shuffle_gen), x_k.device)  # [B]
             y = self.encoder_k(x_k[perm])  # image perm[j] sits at row j: its group is j mod G
             return F.normalize(torch.empty_like(y).index_copy_(0, perm, y).float(), dim=1)  # back in order
         return F.normalize(self.encoder_k(x_k).float(), dim=1)

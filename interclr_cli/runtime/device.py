@@ -68,6 +68,14 @@ def autocast(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
+def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on ``device``: through pinned memory and asynchronously on CUDA (a
+    pageable copy would wait for the stream); a plain ``.to`` elsewhere."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def memory_format(channels_last: bool) -> torch.memory_format:
     """``torch.channels_last`` when asked for, else ``torch.contiguous_format``."""
     return torch.channels_last if channels_last else torch.contiguous_format

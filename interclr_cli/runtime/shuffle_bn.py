@@ -23,6 +23,7 @@ import torch
 import torch.distributed as tdist
 
 from . import dist
+from .device import host_to_device
 
 
 def global_permutation(n: int) -> torch.Tensor:
@@ -56,7 +57,7 @@ def shuffled_forward(encoder: torch.nn.Module, x: torch.Tensor, perm: torch.Tens
     order = torch.argsort(mine, stable=True)  # my rows grouped by destination rank
     send_split = torch.bincount(mine, minlength=world).tolist()  # host tensors: no device sync
     recv_split = (dest.view(world, b) == r).sum(1).tolist()
-    order = order.to(x.device, non_blocking=True)
+    order = host_to_device(order, x.device)
 
     x_send = x[order].contiguous()
     x_recv = x.new_empty((sum(recv_split),) + tuple(x.shape[1:]))
