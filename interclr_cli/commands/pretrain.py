@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -11,6 +10,7 @@ from ..errors import UserError
 from ..training.pretraining import pretrain
 from ..training.resume import LATEST, open_resume
 from ..training.rundir import check_run_dir, default_run_dir, prepare_run_dir
+from .runinfo import read_records
 
 __all__ = ["LATEST", "run_pretrain"]
 
@@ -58,11 +58,7 @@ def run_pretrain(
 def last_losses(run_dir: Path) -> dict:
     """The loss terms (``loss`` and every ``loss_*``) of the last ``type: step`` record of the run's
     ``metrics.jsonl`` (rank 0's file); {} when there is none."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
+    steps = [r for r in read_records(Path(run_dir) / "metrics.jsonl") if r.get("type") == "step"]
+    if not steps:
         return {}
-    for line in reversed(path.read_text().splitlines()):
-        rec = json.loads(line)
-        if rec.get("type") == "step":
-            return {k: v for k, v in rec.items() if k == "loss" or k.startswith("loss_")}
-    return {}
+    return {k: v for k, v in steps[-1].items() if k == "loss" or k.startswith("loss_")}
