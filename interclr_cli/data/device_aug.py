@@ -34,6 +34,7 @@ from torchvision import transforms as T
 
 from ..config.schema import DataConfig
 from ..runtime.device import host_to_device
+from .samplers import hashed_seed
 from .transforms import blur_kernel_size
 
 # ColorJitter(0.4, 0.4, 0.4, 0.1) of MoCo v2
@@ -53,9 +54,8 @@ def crop_flip_transform(cfg: DataConfig) -> T.Compose:
 
 
 def step_seed(seed: int, epoch: int, step_in_epoch: int, rank: int, view: int) -> int:
-    """A 63-bit seed that is a function of its arguments only (numpy's SeedSequence hash)."""
-    ss = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(epoch), int(step_in_epoch), int(rank), int(view), 0x5EED])
-    return int(ss.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+    """A 63-bit seed that is a function of its arguments only (:func:`~.samplers.hashed_seed`)."""
+    return hashed_seed(seed, epoch, step_in_epoch, rank, view, 0x5EED)
 
 
 # ----------------------------------------------------------------------------- colour operations

@@ -44,6 +44,7 @@ from torchvision import transforms as T
 
 from ..config.schema import DataConfig, InvarianceFamily
 from ..errors import UserError
+from .samplers import hashed_seed
 from .transforms import GaussianBlur
 
 #: Every family, in the schema's order (the one list of them: ``invariance.augment``'s values).
@@ -66,9 +67,8 @@ def family_views(family: str, views: int) -> int:
 
 
 def view_seed(seed: int, family: str, view: int) -> int:
-    """A 63-bit seed of ``(seed, family, view)`` alone (numpy's SeedSequence hash)."""
-    ss = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, FAMILIES.index(family), int(view), 0x1A7])
-    return int(ss.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+    """A 63-bit seed of ``(seed, family, view)`` alone (:func:`~.samplers.hashed_seed`)."""
+    return hashed_seed(seed, FAMILIES.index(family), view, 0x1A7)
 
 
 def _blur_taps(size: int) -> int:

@@ -37,6 +37,13 @@ def _key(*parts: int) -> np.ndarray:
     return h
 
 
+def hashed_seed(*parts: int) -> int:
+    """A 63-bit seed that is a function of the integers ``parts`` alone (numpy's SeedSequence
+    hash; the first part, a user's seed, is taken modulo 2**32)."""
+    ss = np.random.SeedSequence([int(parts[0]) & 0xFFFFFFFF, *(int(p) for p in parts[1:])])
+    return int(ss.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
 def aug_seeds(seed: int, epoch: int, positions: np.ndarray) -> np.ndarray:
     """63-bit augmentation seeds (int64 >= 0) for positions in the epoch's global order."""
     k = _key(seed, epoch, 1)
